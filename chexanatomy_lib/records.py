@@ -1,0 +1,96 @@
+"""Recorded runs: results of runs the book build cannot repeat (GPU training, benchmarks).
+
+``records/`` is the one committed home of results. Each record is a small folder
+(``records/<name>/``) or JSON file (``records/benchmarks/<name>.json``) holding
+the metrics with the parameters, device, command and revision that produced
+them; the book shows them beside what it computes itself, labelled as recorded.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any
+
+from .pipeline import PROJECT_ROOT, read_metrics
+
+RECORDS_DIR = PROJECT_ROOT / "records"
+#: Largest file a record may hold: records are committed, data and weights are not.
+MAX_RECORD_FILE_BYTES = 1_000_000
+REQUIRED_FIELDS = ("name", "kind", "metrics", "device", "command", "revision", "date")
+
+
+class RecordError(ValueError):
+    """A record that cannot be written or read."""
+
+
+def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", figures: list[str] | None = None,
+                     records_dir: Path = RECORDS_DIR) -> Path:
+    """Record a finished stage run (e.g. a GPU training run) as ``records/<name>/``.
+
+    Copies the stage's metrics, parameters and provenance, plus the named small
+    figures (paths relative to the stage folder). Refuses unfinished runs and
+    files over :data:`MAX_RECORD_FILE_BYTES`.
+    """
+    sdir = Path(stage_directory)
+    prov_path = sdir / "provenance.json"
+    if not prov_path.exists():
+        raise RecordError(f"{sdir}: no provenance.json; is this a stage folder of a run directory?")
+    prov = json.loads(prov_path.read_text())
+    if prov.get("status") != "ok":
+        raise RecordError(f"{sdir}: the run did not finish (status {prov.get('status')!r}); nothing recorded")
+    out = records_dir / name
+    if out.exists():
+        raise RecordError(f"{out}: a record with this name exists; choose another name")
+    files = [sdir / f for f in (figures or [])]
+    for f in files:
+        if not f.exists():
+            raise RecordError(f"{f}: no such figure")
+        if f.stat().st_size > MAX_RECORD_FILE_BYTES:
+            raise RecordError(f"{f}: {f.stat().st_size} bytes is too large for a record (max {MAX_RECORD_FILE_BYTES})")
+    out.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    device = prov.get("device", {})
+    record = {
+        "name": name,
+        "kind": "stage_run",
+        "stage": prov.get("stage"),
+        "note": note,
+        "metrics": read_metrics(sdir.parent, sdir.name),
+        "params": prov.get("params", {}),
+        "device": device.get("cuda_device") or device.get("cpu"),
+        "device_detail": device,
+        "command": prov.get("command"),
+        "revision": (prov.get("git") or {}).get("revision"),
+        "dirty": (prov.get("git") or {}).get("dirty"),
+        "versions": prov.get("versions", {}),
+        "wall_time_s": prov.get("wall_time_s"),
+        "date": prov.get("finished") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
+        "figures": [f.name for f in files],
+    }
+    (out / "record.json").write_text(json.dumps(record, indent=2, default=str))
+    return out
+
+
+def load_records(records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
+    """Every record under ``records_dir``: ``*/record.json`` and ``benchmarks/*.json``.
+
+    Each returned dict has at least the :data:`REQUIRED_FIELDS`; a record missing
+    one raises :class:`RecordError` naming the file.
+    """
+    out = []
+    paths = sorted(records_dir.glob("*/record.json")) + sorted(records_dir.glob("benchmarks/*.json"))
+    for p in paths:
+        try:
+            rec = json.loads(p.read_text())
+        except json.JSONDecodeError as e:
+            raise RecordError(f"{p}: not valid JSON: {e}") from None
+        missing = [k for k in REQUIRED_FIELDS if k not in rec]
+        if missing:
+            raise RecordError(f"{p}: record lacks {missing}")
+        rec["path"] = str(p.relative_to(records_dir.parent) if p.is_relative_to(records_dir.parent) else p)
+        out.append(rec)
+    return out
