@@ -5,6 +5,7 @@
     chexanatomy sweep notebooks/sweeps/NAME.yaml [--run-dir DIR] [--dry-run] [--force]
     chexanatomy params NOTEBOOK [--profile P]
     chexanatomy record STAGE_DIR --name NAME [--figure F ...] [--note TEXT]
+    chexanatomy manifest ROOT --out data_manifests/NAME.yaml
     chexanatomy segment IMAGE --checkpoint DIR --structures "left lung;heart" [--out DIR]
 
 Errors the user can fix (a wrong parameter, a missing file, a failed cell) are
@@ -53,6 +54,15 @@ def _parser() -> argparse.ArgumentParser:
     c.add_argument("--name", required=True)
     c.add_argument("--figure", action="append", help="small figure inside the stage folder to keep")
     c.add_argument("--note", default="")
+
+    m = sub.add_parser("manifest", help="write a CT manifest for a folder with one sub-folder per case")
+    m.add_argument("root", help="folder holding <case_id>/ct.nii.gz and <case_id>/segmentations")
+    m.add_argument("--out", required=True, help="manifest YAML to write, e.g. data_manifests/mine.yaml")
+    m.add_argument("--name", help="manifest name (default: the folder's name)")
+    m.add_argument("--ct-name", default="ct.nii.gz")
+    m.add_argument("--labels-name", default="segmentations")
+    m.add_argument("--licence", default="state the terms your data is used under")
+    m.add_argument("--checksums", action="store_true", help="record SHA-256 of every file")
 
     g = sub.add_parser("segment", help="segment structures on any chest radiograph with a trained checkpoint")
     g.add_argument("image", help="PNG, JPEG or DICOM file")
@@ -116,6 +126,13 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         out = record_stage_run(args.stage_dir, args.name, note=args.note, figures=args.figure)
         print(f"recorded: {out}")
+    elif args.command == "manifest":
+        from .ct.manifest import scan_case_folders, write_manifest
+
+        root = Path(args.root).resolve()
+        cases = scan_case_folders(root, args.ct_name, args.labels_name, checksums=args.checksums)
+        out = write_manifest(args.out, cases, args.name or root.name, str(root), licence=args.licence)
+        print(f"{out}: {len(cases)} cases ({sum('labels' in c for c in cases)} with labels)")
     elif args.command == "segment":
         from .segment import main_segment
 

@@ -75,11 +75,32 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
     return out
 
 
+def _normalise_benchmark(rec: dict[str, Any], path: Path) -> dict[str, Any]:
+    """Benchmarks write their own tables; give them the common record fields."""
+    machine = rec.get("machine") or {}
+    if isinstance(machine, dict):
+        device = machine.get("cuda_device") or " x ".join(str(machine[k]) for k in ("cpu_count", "cpu") if k in machine)
+    else:
+        device = str(machine)
+    git = rec.get("git") or {}
+    out = {
+        "name": rec.get("name") or rec.get("benchmark") or path.stem,
+        "kind": rec.get("kind", "benchmark"),
+        "metrics": rec.get("metrics", {}),
+        "device": rec.get("device") or device or None,
+        "command": rec.get("command"),
+        "revision": rec.get("revision") or git.get("revision"),
+        "date": rec.get("date"),
+    }
+    return {**rec, **out}
+
+
 def load_records(records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
     """Every record under ``records_dir``: ``*/record.json`` and ``benchmarks/*.json``.
 
-    Each returned dict has at least the :data:`REQUIRED_FIELDS`; a record missing
-    one raises :class:`RecordError` naming the file.
+    Each returned dict has at least the :data:`REQUIRED_FIELDS`; a record that
+    lacks one (or, for a benchmark, its command, date or machine) raises
+    :class:`RecordError` naming the file.
     """
     out = []
     paths = sorted(records_dir.glob("*/record.json")) + sorted(records_dir.glob("benchmarks/*.json"))
@@ -88,7 +109,9 @@ def load_records(records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
             rec = json.loads(p.read_text())
         except json.JSONDecodeError as e:
             raise RecordError(f"{p}: not valid JSON: {e}") from None
-        missing = [k for k in REQUIRED_FIELDS if k not in rec]
+        if p.parent.name == "benchmarks":
+            rec = _normalise_benchmark(rec, p)
+        missing = [k for k in REQUIRED_FIELDS if rec.get(k) in (None, "")]
         if missing:
             raise RecordError(f"{p}: record lacks {missing}")
         rec["path"] = str(p.relative_to(records_dir.parent) if p.is_relative_to(records_dir.parent) else p)

@@ -280,13 +280,22 @@ def read_provenance(directory: Path) -> dict[str, Any] | None:
 def _kernel_environment() -> Iterator[None]:
     # NOTE: MPLBACKEND=Agg in the kernel's environment silently drops figures from
     # executed notebooks; the kernel must use matplotlib's inline backend.
-    saved = os.environ.pop("MPLBACKEND", None)
+    saved = {k: os.environ.get(k) for k in ("MPLBACKEND", "PYTHONWARNINGS", "TQDM_MININTERVAL")}
+    os.environ.pop("MPLBACKEND", None)
+    # Without ipywidgets, tqdm.auto falls back to a text bar inside a kernel and
+    # warns about it in every executed notebook; the text bar is what we want.
+    os.environ["PYTHONWARNINGS"] = ",".join(filter(None, [saved["PYTHONWARNINGS"], "ignore:IProgress not found"]))
+    # Few refreshes keep progress bars readable in the executed notebooks.
+    os.environ.setdefault("TQDM_MININTERVAL", "5")
     os.environ.setdefault("PYDEVD_DISABLE_FILE_VALIDATION", "1")
     try:
         yield
     finally:
-        if saved is not None:
-            os.environ["MPLBACKEND"] = saved
+        for k, v in saved.items():
+            if v is None:
+                os.environ.pop(k, None)
+            else:
+                os.environ[k] = v
 
 
 def _artifacts(directory: Path) -> dict[str, dict[str, Any]]:

@@ -208,3 +208,23 @@ def test_sweep_files_are_valid():
     for f in sorted((runner.PROJECT_ROOT / "notebooks" / "sweeps").glob("*.yaml")):
         sw = load_sweep(f)
         assert sw.cells and sw.seeds and sw.metrics, f
+
+
+def test_manifest_command_scans_case_folders(tmp_path, capsys):
+    from ct_phantoms import make_phantom_case
+
+    from chexanatomy_lib.ct.manifest import load_manifest
+
+    for cid in ("p1", "p2"):
+        (tmp_path / "cohort" / cid).mkdir(parents=True)
+        ct, labels = make_phantom_case(tmp_path / "cohort" / cid)
+        ct.rename(tmp_path / "cohort" / cid / "ct.nii.gz")
+        labels.rename(tmp_path / "cohort" / cid / "labels.nii.gz")
+    (tmp_path / "cohort" / "notes").mkdir()  # a folder without a CT is skipped
+    out = tmp_path / "m.yaml"
+    code = cli_main(["manifest", str(tmp_path / "cohort"), "--out", str(out), "--labels-name", "labels.nii.gz", "--checksums"])
+    assert code == 0 and "2 cases (2 with labels)" in capsys.readouterr().out
+    specs = load_manifest(out)
+    assert [s.case_id for s in specs] == ["p1", "p2"] and all(s.labels is not None for s in specs)
+    specs[0].verify()  # the recorded checksums match the files
+    assert cli_main(["manifest", str(tmp_path / "cohort" / "notes"), "--out", str(tmp_path / "x.yaml")]) == 2

@@ -1,0 +1,16 @@
+"""CT input, the structure registry, DRR projection and the projected dataset.
+
+Import the submodules you need; this package imports nothing heavy:
+
+- `chexanatomy_lib.ct.registry`  structure names, ids, synonyms (`load_registry`)
+- `chexanatomy_lib.ct.io`        CT + label loading (`load_case`, `load_example_case`)
+- `chexanatomy_lib.ct.manifest`  data manifests (`load_manifest`)
+- `chexanatomy_lib.ct.dataset`   the projected dataset (`DatasetWriter`, `ProjectedDataset`)
+- `chexanatomy_lib.ct.export`    PNG and COCO exports of a projected dataset
+- `chexanatomy_lib.ct.errors`    the exceptions all of these raise
+"""
+
+from .errors import CTError, CTInputError, DatasetError
+from .registry import Structure, load_registry
+
+__all__ = ["CTError", "CTInputError", "DatasetError", "Structure", "load_registry"]

@@ -1,0 +1,344 @@
+"""Synthesis of a projected dataset: DRRs and per-structure masks from CT cases.
+
+:func:`synthesize_dataset` turns CT cases into a projected dataset (format:
+:mod:`chexanatomy_lib.ct.dataset`): for every case ``n_copies`` deformed
+copies, for every copy and view ``poses_per_copy`` poses, each rendered as a
+radiograph plus one binary mask per structure. :func:`render_sample` renders
+any row of such a dataset again, at any resolution.
+
+A structure's mask is the set of pixels whose ray runs more than
+``mask_threshold_mm`` through it (through the union of its members for a
+derived structure such as ``lung_left``). Per image and structure two flags are
+stored: *absent* (the mask is empty) and *truncated* (the structure is cut by
+the CT volume's edge where that edge bounds the projection, or its mask touches
+the image border), so scores can leave out partial targets.
+"""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field, replace
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+from .cohort import CopySpec, PoseRanges, SourceCT, WorkingVolume, make_working_volume, sample_copies, sample_poses
+from .detector import MU_WATER_PER_MM, DetectorModel
+from .errors import CTInputError
+from .geometry import VIEWS, Detector, PatientPose, patient_rays
+
+POSE_COLUMNS = ("tx", "ty", "tz", "rx", "ry", "rz", "sod")
+
+
+@dataclass(frozen=True)
+class RenderSettings:
+    """Everything besides the row (copy, pose, view) that decides an image."""
+
+    image_size: int = 256  # H = W (pixels)
+    field_mm: float = 430.0  # detector side length (mm); pixel pitch = field_mm / image_size
+    sid_mm: float = 1800.0  # source-to-image distance (mm)
+    working_spacing_mm: float = 2.0  # isotropic voxel size the CT is resampled to (mm)
+    step_mm: float = 1.0  # ray-marching step (mm)
+    mask_threshold_mm: float = 3.0  # a pixel is in a structure when its ray crosses > this (mm)
+    mu_water: float = MU_WATER_PER_MM  # attenuation of water (1/mm)
+    detector: DetectorModel = field(default_factory=DetectorModel)  # intensity, noise, contrast
+
+    def __post_init__(self) -> None:
+        if int(self.image_size) < 8:
+            raise ValueError(f"image_size must be >= 8, got {self.image_size}")
+        for name in ("field_mm", "sid_mm", "working_spacing_mm", "step_mm"):
+            if not getattr(self, name) > 0:
+                raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
+        if not self.mask_threshold_mm >= 0:
+            raise ValueError(f"mask_threshold_mm must be >= 0, got {self.mask_threshold_mm}")
+
+    @property
+    def pixel_spacing_mm(self) -> float:
+        return self.field_mm / self.image_size
+
+    def detector_geometry(self) -> Detector:
+        return Detector.square(self.image_size, self.field_mm, self.sid_mm)
+
+    def as_dict(self) -> dict:
+        d = asdict(self)
+        d["detector"] = self.detector.as_dict()
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "RenderSettings":
+        d = dict(d)
+        det = dict(d.pop("detector", {}))
+        if det.get("window") is not None:
+            det["window"] = tuple(det["window"])
+        return cls(**d, detector=DetectorModel(**det))
+
+
+def structure_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[list[int]]:
+    """For each structure name, the compact label indices (into ``label_ids``) of its
+    ``total`` ids present in the volume; empty when none is present."""
+    from .registry import load_registry
+
+    reg = load_registry()
+    index = {int(i): k for k, i in enumerate(np.asarray(label_ids)) if i != 0}
+    groups = []
+    for name in structures:
+        g = []
+        for leaf in reg.expand(name):
+            tid = reg.get(leaf).ids.get("total")
+            if tid is not None and int(tid) in index:
+                g.append(index[int(tid)])
+        groups.append(sorted(g))
+    return groups
+
+
+def structures_present(label_ids: Sequence[int]) -> list[str]:
+    """Registry structures (not ``excluded``) with a ``total`` id in ``label_ids``, plus the
+    derived structures with at least one member present, in registry order."""
+    from .registry import load_registry
+
+    reg = load_registry()
+    present = {s.name for s in reg.from_label_ids(sorted({int(i) for i in label_ids if int(i) != 0}))}
+    out = []
+    for s in reg:
+        if s.excluded:
+            continue
+        if s.name in present or (s.is_derived and any(m in present for m in reg.expand(s.name))):
+            out.append(s.name)
+    return out
+
+
+def render_view(volume: WorkingVolume, view: str, pose: PatientPose, settings: RenderSettings,
+                groups: list[list[int]], noise_seed: int | None = None,
+                marcher=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Render one image of a working volume.
+
+    Returns ``image`` ``float32 [H, W]`` in [0, 1] (white = dense), ``masks``
+    ``bool [S, H, W]`` (structure order of ``groups``), ``absent`` and
+    ``truncated`` ``bool [S]``. ``noise_seed`` seeds the Poisson noise (None:
+    noiseless). ``marcher``: a :class:`~chexanatomy_lib.ct.projector.RayMarcher`
+    of ``volume`` to reuse across images.
+    """
+    import torch
+
+    from .projector import RayMarcher
+
+    n = settings.image_size
+    if marcher is None:
+        marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm)
+    source, pixels = patient_rays(view, settings.detector_geometry(), pose, volume.isocentre)
+    line, path = marcher.project(source, pixels, image_shape=(n, n))
+    rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
+    image = settings.detector(line.view(n, n).numpy(), rng)
+
+    member = torch.zeros(len(volume.label_ids), len(groups))
+    for s, g in enumerate(groups):
+        member[g, s] = 1.0
+    lengths = path @ member  # [H*W, S] mm through each structure
+    masks = (lengths > settings.mask_threshold_mm).T.reshape(len(groups), n, n).numpy()
+    absent = ~masks.reshape(len(groups), -1).any(axis=1)
+    cut_labels = volume.truncating_labels(view, pose)
+    border = masks[:, 0, :].any(1) | masks[:, -1, :].any(1) | masks[:, :, 0].any(1) | masks[:, :, -1].any(1)
+    truncated = np.array([bool(cut_labels[g].any()) if g else False for g in groups]) | border
+    truncated &= ~absent
+    return image, masks, absent, truncated
+
+
+def _case_of(item: Any):
+    """A CTCase from a CTCase or a manifest CaseSpec (loaded)."""
+    return item.load() if hasattr(item, "load") and not hasattr(item, "volume") else item
+
+
+def _check_case(case: Any) -> None:
+    where = getattr(case, "source", {}).get("ct") if isinstance(getattr(case, "source", None), dict) else None
+    where = where or getattr(case, "case_id", None)
+    for attr in ("case_id", "volume", "labelmap", "affine"):
+        if not hasattr(case, attr):
+            raise CTInputError(where, f"not a CT case: lacks {attr!r} (expected a CTCase or a manifest CaseSpec)")
+    vol, lab, aff = np.asarray(case.volume), np.asarray(case.labelmap), np.asarray(case.affine)
+    if vol.ndim != 3 or min(vol.shape) < 2:
+        raise CTInputError(where, f"case {case.case_id!r}: CT must be a 3D volume, got shape {vol.shape}")
+    if lab.shape != vol.shape:
+        raise CTInputError(where, f"case {case.case_id!r}: labelmap shape {lab.shape} differs from CT {vol.shape}")
+    if aff.shape != (4, 4) or not np.isfinite(aff).all() or abs(np.linalg.det(aff[:3, :3])) < 1e-9:
+        raise CTInputError(where, f"case {case.case_id!r}: affine must be a finite invertible 4x4 matrix")
+    if not np.isfinite(vol).all():
+        raise CTInputError(where, f"case {case.case_id!r}: CT holds NaN or infinite values")
+    if not np.issubdtype(lab.dtype, np.integer) or (lab.size and lab.min() < 0):
+        raise CTInputError(where, f"case {case.case_id!r}: labelmap must hold non-negative integer ids")
+    if getattr(case, "extra_masks", None):
+        raise CTInputError(where, f"case {case.case_id!r}: structures given as separate masks "
+                                  f"({', '.join(sorted(case.extra_masks))}) are not projected; "
+                                  "supply them as ids of a multilabel labelmap")
+
+
+def image_jobs(case_ids: Sequence[str], n_copies: int, poses_per_copy: int, views: Sequence[str], seed: int,
+               amplitude_mm: float, scale_range: float, control_points: int,
+               pose_ranges: PoseRanges) -> list[tuple[CopySpec, list[dict]]]:
+    """Every image to render, grouped by deformed copy: ``[(copy, [row, ...]), ...]``.
+
+    Rows hold ``image_id, case_id, copy_id, view`` plus pose, copy and noise
+    columns (no split yet). Everything is drawn from ``seed`` and the ids, so a
+    shard of the list is the same whichever process draws it.
+    """
+    from .cohort import _stable_hash
+
+    jobs = []
+    for case_id in case_ids:
+        for copy in sample_copies(case_id, n_copies, seed, amplitude_mm, scale_range, control_points):
+            rng = np.random.default_rng([int(seed), _stable_hash(copy.copy_id), 1])
+            rows = []
+            for view in views:
+                for k, pose in enumerate(sample_poses(poses_per_copy, rng, pose_ranges)):
+                    noise_seed = int(rng.integers(2**31))
+                    rows.append({"image_id": f"{copy.copy_id}_{view}_p{k:02d}", "case_id": case_id,
+                                 "copy_id": copy.copy_id, "view": view, **pose.as_dict(),
+                                 **copy.as_row(), "noise_seed": noise_seed})
+            jobs.append((copy, rows))
+    return jobs
+
+
+def synthesize_dataset(
+    cases: Sequence[Any],  # CTCase objects or manifest CaseSpecs (loaded one at a time)
+    out_path: str | Path,  # dataset folder to write (must not exist unless overwrite)
+    image_size: int = 256,  # pixels per side
+    views: Sequence[str] = VIEWS,  # "pa" and/or "lateral"
+    n_copies: int = 4,  # deformed copies per source CT
+    poses_per_copy: int = 4,  # poses per copy and view
+    seed: int = 0,  # seeds copies, poses, noise and the split
+    shard: tuple[int, int] | None = None,  # (i, n): render only copies k with k % n == i
+    settings: RenderSettings | None = None,  # geometry, detector, mask threshold (image_size overrides)
+    amplitude_mm: float = 8.0,  # deformation control-point displacement s.d. (mm)
+    scale_range: float = 0.08,  # anisotropic scale factors in [1 - r, 1 + r]
+    control_points: int = 5,  # deformation control points per axis
+    pose_ranges: PoseRanges = PoseRanges(),  # patient pose ranges
+    split_fractions: Sequence[float] = (0.7, 0.15, 0.15),  # train, val, test
+    structures: Sequence[str] | None = None,  # channel order; None: all present, registry order
+    overwrite: bool = False,  # replace an existing dataset
+    progress: bool = True,  # tqdm progress bar
+    threads: int | None = 1,  # torch threads while rendering (None: leave as is); scale out with shards
+) -> Path:
+    """Render a projected dataset from CT cases; returns ``out_path``.
+
+    Splits are by source CT when there are several cases (or as fixed by the
+    manifest), by deformed copy when there is one. Every input is checked
+    before anything is written.
+    """
+    from tqdm.auto import tqdm
+
+    from .dataset import DatasetWriter, choose_split_unit, make_splits
+
+    settings = replace(settings or RenderSettings(), image_size=int(image_size))
+    views = list(views)
+    if not views or any(v not in VIEWS for v in views) or len(set(views)) != len(views):
+        raise ValueError(f"views must be distinct values among {VIEWS}, got {views}")
+    if n_copies < 1 or poses_per_copy < 1:
+        raise ValueError("n_copies and poses_per_copy must be >= 1")
+    if shard is not None:
+        i, n = shard
+        if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
+            raise ValueError(f"shard must be (i, n) with 0 <= i < n, got {shard}")
+    if not cases:
+        raise ValueError("no CT cases given")
+    case_ids = [str(getattr(c, "case_id")) for c in cases]
+    if len(set(case_ids)) != len(case_ids):
+        raise ValueError(f"duplicate case ids: {case_ids}")
+
+    # Pass 1: load and check every case, collect label ids (nothing written yet).
+    label_ids: set[int] = set()
+    loaded: dict[str, Any] = {}
+    for item in cases:
+        case = _case_of(item)
+        _check_case(case)
+        label_ids |= {int(i) for i in np.unique(case.labelmap)}
+        if not hasattr(item, "load") or hasattr(item, "volume") or len(cases) <= 4:
+            loaded[case.case_id] = case  # in memory already, or few enough to keep
+    names = list(structures) if structures is not None else structures_present(sorted(label_ids))
+    if not names:
+        raise CTInputError(None, "no registry structures found in the labelmaps")
+
+    fixed = {str(getattr(c, "case_id")): getattr(c, "split", None) for c in cases}
+    jobs = image_jobs(case_ids, n_copies, poses_per_copy, views, seed, amplitude_mm, scale_range,
+                      control_points, pose_ranges)
+    if any(v is not None for v in fixed.values()) and not all(v is not None for v in fixed.values()):
+        unset = sorted(k for k, v in fixed.items() if v is None)
+        raise ValueError(f"the manifest fixes the split of some cases but not of {unset}; fix all or none")
+    if all(v is not None for v in fixed.values()):
+        unit = "case"
+        splits = {"unit": "case", "seed": None, "fractions": None,
+                  "rule": "fixed per case by the data manifest",
+                  "assignment": {s: sorted(k for k, v in fixed.items() if v == s) for s in ("train", "val", "test")}}
+    else:
+        unit = choose_split_unit(case_ids)
+        ids = case_ids if unit == "case" else [c.copy_id for c, _ in jobs]
+        splits = make_splits(ids, unit=unit, fractions=split_fractions, seed=seed)
+    split_of = {str(i): s for s, lst in splits["assignment"].items() for i in lst}
+    if shard is not None:
+        jobs = [j for k, j in enumerate(jobs) if k % shard[1] == shard[0]]
+
+    meta = {
+        "pixel_spacing_mm": settings.pixel_spacing_mm,
+        "view_geometry": {"sid_mm": settings.sid_mm, "field_mm": settings.field_mm,
+                          "views": views, "convention": "radiological: PA patient's right on image left; "
+                          "lateral = left lateral, anterior on image left; head up"},
+        "mask_threshold_mm": settings.mask_threshold_mm,
+        "render_settings": settings.as_dict(),
+        "cohort": {"n_copies": n_copies, "poses_per_copy": poses_per_copy, "seed": seed,
+                   "amplitude_mm": amplitude_mm, "scale_range": scale_range,
+                   "control_points": control_points, "pose_ranges": pose_ranges.as_dict()},
+        "split_unit": unit,
+        "shard": list(shard) if shard is not None else None,
+    }
+    n_images = sum(len(rows) for _, rows in jobs)
+    from .projector import RayMarcher, torch_threads
+
+    with torch_threads(threads), DatasetWriter(out_path, names, settings.image_size, meta, splits=splits, overwrite=overwrite) as writer:
+        bar = tqdm(total=n_images, desc="DRR + masks", disable=not progress, mininterval=10.0)
+        source: SourceCT | None = None
+        for copy, rows in jobs:
+            if source is None or source.case_id != copy.case_id:
+                case = loaded.get(copy.case_id) or _case_of(next(c for c in cases if str(c.case_id) == copy.case_id))
+                source = SourceCT.from_case(case, settings.mu_water)
+                groups = structure_groups(names, source.label_ids)
+            volume = make_working_volume(source, settings.working_spacing_mm, copy)
+            marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm)
+            for row in rows:
+                pose = PatientPose(**{k: row[k] for k in POSE_COLUMNS})
+                image, masks, absent, truncated = render_view(volume, row["view"], pose, settings, groups,
+                                                              row["noise_seed"], marcher)
+                split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
+                writer.add(image, masks, absent, truncated, {**row, "split": split})
+                bar.update(1)
+        bar.close()
+    return Path(out_path)
+
+
+def render_sample(case: Any, row: dict, image_size: int, settings: RenderSettings | dict | None = None,
+                  structures: Sequence[str] | None = None, threads: int | None = 1,
+                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+    """Render one dataset row again (any resolution): ``(image, masks, absent, truncated)``.
+
+    ``case``: the row's source CT (CTCase or CaseSpec); ``row``: a row of
+    ``index.csv`` (dict or pandas Series); ``settings``: the dataset's
+    ``meta["render_settings"]`` (dict) or a :class:`RenderSettings`; the image
+    size is replaced by ``image_size`` and the detector field kept, so masks
+    at 896 px cover what 256 px masks cover. ``structures``: channel order
+    (the dataset's ``structures``); None: all present in the case.
+    Shapes as in :func:`render_view`.
+    """
+    row = dict(row)
+    case = _case_of(case)
+    _check_case(case)
+    if str(case.case_id) != str(row["case_id"]):
+        raise ValueError(f"row belongs to case {row['case_id']!r}, got case {case.case_id!r}")
+    if isinstance(settings, dict):
+        settings = RenderSettings.from_dict(settings)
+    settings = replace(settings or RenderSettings(), image_size=int(image_size))
+    source = SourceCT.from_case(case, settings.mu_water)
+    names = list(structures) if structures is not None else structures_present(source.label_ids)
+    pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
+    from .projector import torch_threads
+
+    with torch_threads(threads):
+        volume = make_working_volume(source, settings.working_spacing_mm, CopySpec.from_row(row))
+        return render_view(volume, str(row["view"]), pose, settings, structure_groups(names, source.label_ids),
+                           int(row["noise_seed"]))
