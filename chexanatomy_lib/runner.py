@@ -74,12 +74,15 @@ def read_parameters(notebook: str | Path) -> dict[str, Any]:
     except SyntaxError as e:
         raise ParameterError(f"{path}: parameters cell is not valid Python: {e}") from None
     params: dict[str, Any] = {}
+    annotations: dict[str, str] = {}
     for node in tree.body:
         if not isinstance(node, (ast.Assign, ast.AnnAssign)):
             raise ParameterError(f"{path}: parameters cell line {node.lineno}: only assignments are allowed")
         targets = node.targets if isinstance(node, ast.Assign) else [node.target]
         if len(targets) != 1 or not isinstance(targets[0], ast.Name) or node.value is None:
             raise ParameterError(f"{path}: parameters cell line {node.lineno}: assign one name at a time")
+        if isinstance(node, ast.AnnAssign):
+            annotations[targets[0].id] = ast.unparse(node.annotation)
         try:
             params[targets[0].id] = ast.literal_eval(node.value)
         except ValueError:
@@ -89,7 +92,20 @@ def read_parameters(notebook: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_PARAMETERS if k not in params]
     if missing:
         raise ParameterError(f"{path}: parameters cell lacks required parameter(s) {missing}")
+    _ANNOTATIONS[str(path.resolve())] = annotations
     return params
+
+
+#: Annotations of the parameters cells read so far (notebook path -> name -> annotation text).
+_ANNOTATIONS: dict[str, dict[str, str]] = {}
+
+
+def optional_parameters(notebook: str | Path) -> set[str]:
+    """Names whose annotation admits None (``x: int | None = 1`` or ``Optional[int]``)."""
+    key = str(Path(notebook).resolve())
+    if key not in _ANNOTATIONS:
+        read_parameters(notebook)
+    return {k for k, a in _ANNOTATIONS[key].items() if "None" in a or a.startswith("Optional")}
 
 
 def _type_name(v: Any) -> str:
@@ -129,10 +145,18 @@ def coerce_parameter(name: str, value: Any, default: Any, where: str) -> Any:
     )
 
 
-def validate_parameters(defaults: dict[str, Any], overrides: dict[str, Any], where: str) -> dict[str, Any]:
-    """Defaults updated by ``overrides``, each checked (see :func:`coerce_parameter`)."""
+def validate_parameters(
+    defaults: dict[str, Any], overrides: dict[str, Any], where: str, optional: set[str] = frozenset()
+) -> dict[str, Any]:
+    """Defaults updated by ``overrides``, each checked (see :func:`coerce_parameter`).
+
+    Names in ``optional`` also accept None (their annotation says ``| None``).
+    """
     merged = dict(defaults)
     for k, v in overrides.items():
+        if v is None and k in optional:
+            merged[k] = None
+            continue
         if k not in defaults:
             close = difflib.get_close_matches(k, list(defaults), n=1)
             hint = f"; did you mean {close[0]!r}?" if close else ""
@@ -214,8 +238,9 @@ def stage_parameters(stage: Stage, profile: Profile, overrides: dict[str, Any] |
     """Checked parameters of ``stage`` under ``profile`` plus ``overrides`` (``run_dir`` not yet set)."""
     defaults = read_parameters(stage.notebook)
     where = str(stage.notebook.relative_to(PROJECT_ROOT) if stage.notebook.is_relative_to(PROJECT_ROOT) else stage.notebook)
-    params = validate_parameters(defaults, profile.overrides_for(stage, defaults), f"{where} (profile {profile.name})")
-    return validate_parameters(params, overrides or {}, where)
+    opt = optional_parameters(stage.notebook)
+    params = validate_parameters(defaults, profile.overrides_for(stage, defaults), f"{where} (profile {profile.name})", opt)
+    return validate_parameters(params, overrides or {}, where, opt)
 
 
 # --------------------------------------------------------------------------- running

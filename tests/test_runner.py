@@ -26,6 +26,7 @@ n = 3  # an integer
 rate = 0.5  # a float
 name = "a"  # a string
 data_file = None  # optional input file
+limit: int | None = 4  # an optional integer
 fail = False  # raise on purpose
 
 # %%
@@ -59,7 +60,7 @@ def profile(tmp_path: Path) -> Path:
 
 def test_read_parameters_types(tmp_path):
     params = runner.read_parameters(make_toy(tmp_path))
-    assert params == {"run_dir": "runs/default", "seed": 0, "n": 3, "rate": 0.5, "name": "a", "data_file": None, "fail": False}
+    assert params == {"run_dir": "runs/default", "seed": 0, "n": 3, "rate": 0.5, "name": "a", "data_file": None, "fail": False, "limit": 4}
 
 
 def test_parameters_cell_rules(tmp_path):
@@ -85,6 +86,11 @@ def test_unknown_key_and_wrong_type_are_errors(tmp_path):
         runner.validate_parameters(defaults, {"n": 2.5}, "toy.py")
     with pytest.raises(ParameterError, match=r"'fail' expects bool"):
         runner.validate_parameters(defaults, {"fail": 1}, "toy.py")
+    optional = runner.optional_parameters(make_toy(tmp_path))
+    assert optional == {"limit"}
+    assert runner.validate_parameters(defaults, {"limit": None}, "t", optional)["limit"] is None
+    with pytest.raises(ParameterError, match=r"'n' expects int .* got None"):
+        runner.validate_parameters(defaults, {"n": None}, "t", optional)
     ok = runner.validate_parameters(defaults, runner.parse_assignments(["rate=2", "n=7", "name=b", "data_file=x.txt"]), "t")
     assert ok["rate"] == 2.0 and isinstance(ok["rate"], float) and ok["n"] == 7 and ok["data_file"] == "x.txt"
     # YAML reads 1e-4 as a string: a float parameter still accepts it.

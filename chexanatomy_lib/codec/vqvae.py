@@ -1,0 +1,472 @@
+"""The mask VQ-VAE of PaliGemma's segmentation tokens, in PyTorch.
+
+Architecture (big_vision's mask VAE, used for ``vae-oid.npz``):
+
+* encoder: input ``2 * (m - 0.5)`` in [-1, 1]; four stride-2 convolutions with
+  TensorFlow ``'SAME'`` padding, each followed by ReLU (64x64 -> 4x4); two residual
+  blocks (conv, ReLU, conv, ReLU, conv, plus skip); a final conv; nearest codebook
+  entry (squared L2) per cell of the 4x4 grid, read in row-major (y, x) order.
+* decoder: codebook lookup to ``[B, D, 4, 4]``; 1x1 conv + ReLU; two residual
+  blocks; four transposed convs (kernel 4, stride 2, PyTorch padding 1) each with
+  ReLU (4 -> 8 -> 16 -> 32 -> 64); 1x1 conv to one channel; output nominally in [-1, 1].
+
+Module names reproduce the checkpoint's key names (``encoder.0.weight``,
+``decoder.2.net.0.weight``, ``_vq_vae._embedding`` ...), and weights are stored in
+PyTorch layout, so the official file loads with no transposition.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from .errors import CheckpointError
+
+MASK_SIZE = 64
+GRID = 4
+NUM_TOKENS = GRID * GRID
+
+
+@dataclass(frozen=True)
+class VQVAEConfig:
+    """Widths and kernels of a :class:`MaskVQVAE` (defaults: big_vision's decoder widths)."""
+
+    enc_channels: tuple[int, ...] = (16, 32, 64, 128)  # outputs of the four stride-2 convs
+    enc_kernel: int = 4  # kernel of the stride-2 convs
+    res_kernels: tuple[int, int, int] = (3, 3, 1)  # residual block convs (both encoder and decoder)
+    enc_out_kernel: int = 1  # final encoder conv
+    embedding_dim: int = 128  # codebook vector size D
+    num_embeddings: int = 128  # codebook entries (seg tokens)
+    dec_channels: tuple[int, ...] = (128, 128, 64, 32, 16)  # 1x1 conv, then four transposed convs
+
+    def to_json(self) -> dict:
+        return {k: list(v) if isinstance(v, tuple) else v for k, v in asdict(self).items()}
+
+    @classmethod
+    def from_json(cls, d: dict) -> "VQVAEConfig":
+        return cls(**{k: tuple(v) if isinstance(v, list) else v for k, v in d.items()})
+
+
+class SameConv2d(nn.Conv2d):
+    """Conv2d with TensorFlow ``'SAME'`` padding (asymmetric when the total pad is odd).
+
+    NOTE: for kernel 4 / stride 2 on an even size this equals PyTorch ``padding=1``;
+    for odd totals TensorFlow puts the extra row/column at the bottom/right, which
+    a symmetric PyTorch padding would not reproduce.
+    """
+
+    def __init__(self, cin: int, cout: int, kernel: int, stride: int = 1):
+        super().__init__(cin, cout, kernel, stride=stride, padding=0)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        pads = []
+        for size, k, s in zip(x.shape[-1:-3:-1], self.kernel_size[::-1], self.stride[::-1]):
+            out = math.ceil(size / s)
+            total = max((out - 1) * s + k - size, 0)
+            pads += [total // 2, total - total // 2]
+        if any(pads):
+            x = F.pad(x, pads)
+        return F.conv2d(x, self.weight, self.bias, self.stride)
+
+
+class ResBlock(nn.Module):
+    """conv, ReLU, conv, ReLU, conv, plus skip (keys ``net.0``, ``net.2``, ``net.4``)."""
+
+    def __init__(self, channels: int, kernels: tuple[int, int, int]):
+        super().__init__()
+        k0, k1, k2 = kernels
+        self.net = nn.Sequential(
+            SameConv2d(channels, channels, k0), nn.ReLU(),
+            SameConv2d(channels, channels, k1), nn.ReLU(),
+            SameConv2d(channels, channels, k2),
+        )
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return x + self.net(x)
+
+
+class VectorQuantizer(nn.Module):
+    """Codebook ``_embedding`` float [K, D] (a buffer: trained by EMA, not by gradients)."""
+
+    def __init__(self, num_embeddings: int, dim: int):
+        super().__init__()
+        self.register_buffer("_embedding", torch.randn(num_embeddings, dim) * 0.1)
+
+    def nearest(self, z: torch.Tensor) -> torch.Tensor:
+        """z float [M, D] -> int64 [M] index of the nearest entry (squared L2)."""
+        emb = self._embedding
+        d = (z * z).sum(1, keepdim=True) + (emb * emb).sum(1)[None] - 2.0 * z @ emb.T
+        return d.argmin(1)
+
+
+class MaskVQVAE(nn.Module):
+    """Mask VQ-VAE: 64x64 soft masks <-> 16 codes in range(``num_embeddings``).
+
+    Use :meth:`encode` / :meth:`decode` for inference, :meth:`load_official_npz` for
+    big_vision's ``vae-oid.npz`` and :meth:`save` / :meth:`load` for ours.
+    """
+
+    def __init__(self, config: VQVAEConfig | None = None):
+        super().__init__()
+        self.config = cfg = config or VQVAEConfig()
+        if len(cfg.enc_channels) != 4 or len(cfg.dec_channels) != 5:
+            raise ValueError("MaskVQVAE needs 4 encoder widths and 5 decoder widths (64 -> 4 -> 64)")
+        enc: list[nn.Module] = []
+        cin = 1
+        for c in cfg.enc_channels:
+            enc += [SameConv2d(cin, c, cfg.enc_kernel, stride=2), nn.ReLU()]
+            cin = c
+        enc += [ResBlock(cin, cfg.res_kernels), ResBlock(cin, cfg.res_kernels),
+                SameConv2d(cin, cfg.embedding_dim, cfg.enc_out_kernel)]
+        self.encoder = nn.Sequential(*enc)  # indices 0..10 as in the checkpoint
+        w = cfg.dec_channels
+        dec: list[nn.Module] = [nn.Conv2d(cfg.embedding_dim, w[0], 1), nn.ReLU(),
+                                ResBlock(w[0], cfg.res_kernels), ResBlock(w[0], cfg.res_kernels)]
+        for cin, cout in zip(w[:-1], w[1:]):
+            dec += [nn.ConvTranspose2d(cin, cout, 4, stride=2, padding=1), nn.ReLU()]
+        dec += [nn.Conv2d(w[-1], 1, 1)]
+        self.decoder = nn.Sequential(*dec)  # indices 0..12 as in the checkpoint
+        self._vq_vae = VectorQuantizer(cfg.num_embeddings, cfg.embedding_dim)
+
+    # ------------------------------------------------------------------ core maps
+    @property
+    def device(self) -> torch.device:
+        return self._vq_vae._embedding.device
+
+    def encode_latent(self, masks: torch.Tensor) -> torch.Tensor:
+        """masks float [N, 64, 64] in [0, 1] -> encoder output float [N, D, 4, 4]."""
+        if masks.ndim != 3 or tuple(masks.shape[1:]) != (MASK_SIZE, MASK_SIZE):
+            raise ValueError(f"masks must be [N, 64, 64]; got {tuple(masks.shape)}")
+        x = 2.0 * (masks[:, None].to(self._vq_vae._embedding.dtype) - 0.5)
+        return self.encoder(x)
+
+    def quantize(self, z: torch.Tensor) -> torch.Tensor:
+        """Encoder output float [N, D, 4, 4] -> codes int64 [N, 16] (row-major y, x)."""
+        n, d = z.shape[:2]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        return self._vq_vae.nearest(flat).reshape(n, NUM_TOKENS)
+
+    def embed(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes int [N, 16] -> quantised latents float [N, D, 4, 4]."""
+        emb = self._vq_vae._embedding[codes.long()]  # [N, 16, D]
+        return emb.reshape(codes.shape[0], GRID, GRID, -1).permute(0, 3, 1, 2)
+
+    def decode_latent(self, q: torch.Tensor) -> torch.Tensor:
+        """Latents float [N, D, 4, 4] -> decoder output float [N, 64, 64] (unclipped)."""
+        return self.decoder(q)[:, 0]
+
+    @torch.no_grad()
+    def encode(self, masks: torch.Tensor | np.ndarray) -> torch.Tensor:
+        """masks float [N, 64, 64] in [0, 1] -> codes int64 [N, 16] in range(num_embeddings)."""
+        m = torch.as_tensor(np.asarray(masks) if not isinstance(masks, torch.Tensor) else masks)
+        return self.quantize(self.encode_latent(m.to(self.device, torch.float32)))
+
+    @torch.no_grad()
+    def decode(self, codes: torch.Tensor | np.ndarray, clip: bool = True) -> torch.Tensor:
+        """codes int [N, 16] in range(num_embeddings) -> float [N, 64, 64] in [-1, 1] (> 0 = inside).
+
+        ``clip=False`` returns the raw decoder output (the official decoder has no final
+        squashing; its output is only nominally in [-1, 1]).
+        """
+        c = torch.as_tensor(codes).to(self.device).long()
+        if c.ndim != 2 or c.shape[1] != NUM_TOKENS:
+            raise ValueError(f"codes must be [N, 16]; got {tuple(c.shape)}")
+        if c.numel() and (c.min() < 0 or c.max() >= self.config.num_embeddings):
+            raise ValueError(f"codes must be in range({self.config.num_embeddings})")
+        out = self.decode_latent(self.embed(c))
+        return out.clamp(-1.0, 1.0) if clip else out
+
+    # ------------------------------------------------------------------ checkpoints
+    @classmethod
+    def load_official_npz(cls, path: str | Path) -> "MaskVQVAE":
+        """Load big_vision's ``vae-oid.npz`` (PyTorch-layout weights; widths read from it).
+
+        Raises :class:`CheckpointError` naming the file and the missing key or wrong shape.
+        """
+        path = Path(path)
+        if not path.is_file():
+            raise CheckpointError(f"{path}: no such file (the official mask VAE is 'vae-oid.npz', "
+                                  "supplied by the user; nothing downloads it)")
+        try:
+            with np.load(path, allow_pickle=False) as z:
+                arrays = {k: np.asarray(z[k]) for k in z.files}
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+        return cls.from_state_arrays(arrays, source=str(path))
+
+    @classmethod
+    def from_state_arrays(cls, arrays: dict[str, np.ndarray], source: str = "<arrays>") -> "MaskVQVAE":
+        """Build from a dict of checkpoint arrays with the official key names (shapes checked)."""
+
+        def get(key: str, ndim: int) -> np.ndarray:
+            if key not in arrays:
+                raise CheckpointError(f"{source}: missing key {key!r}")
+            a = arrays[key]
+            if a.ndim != ndim:
+                raise CheckpointError(f"{source}: {key!r} has shape {a.shape}, expected {ndim} dims")
+            return a
+
+        emb = get("_vq_vae._embedding", 2)
+        enc_w = [get(f"encoder.{i}.weight", 4) for i in (0, 2, 4, 6)]
+        res_k = tuple(int(get(f"encoder.8.net.{j}.weight", 4).shape[-1]) for j in (0, 2, 4))
+        cfg = VQVAEConfig(
+            enc_channels=tuple(int(w.shape[0]) for w in enc_w),
+            enc_kernel=int(enc_w[0].shape[-1]),
+            res_kernels=res_k,  # type: ignore[arg-type]
+            enc_out_kernel=int(get("encoder.10.weight", 4).shape[-1]),
+            embedding_dim=int(emb.shape[1]),
+            num_embeddings=int(emb.shape[0]),
+            dec_channels=(int(get("decoder.0.weight", 4).shape[0]),)
+            + tuple(int(get(f"decoder.{i}.weight", 4).shape[1]) for i in (4, 6, 8, 10)),
+        )
+        model = cls(cfg)
+        state = model.state_dict()
+        for key, ref in state.items():
+            if key not in arrays:
+                raise CheckpointError(f"{source}: missing key {key!r}")
+            if tuple(arrays[key].shape) != tuple(ref.shape):
+                raise CheckpointError(f"{source}: {key!r} has shape {tuple(arrays[key].shape)}, "
+                                      f"expected {tuple(ref.shape)}")
+            state[key] = torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32))
+        model.load_state_dict(state)
+        return model.eval()
+
+    def state_arrays(self) -> dict[str, np.ndarray]:
+        """Weights as float32 NumPy arrays under the official key names."""
+        return {k: v.detach().cpu().float().numpy() for k, v in self.state_dict().items()}
+
+    def save(self, directory: str | Path, record: dict[str, Any] | None = None) -> Path:
+        """Write ``model.safetensors``, ``config.json`` and ``training.json`` (``record``) to ``directory``."""
+        from safetensors.torch import save_file
+
+        d = Path(directory)
+        d.mkdir(parents=True, exist_ok=True)
+        save_file({k: v.detach().cpu().float().contiguous() for k, v in self.state_dict().items()},
+                  str(d / "model.safetensors"))
+        (d / "config.json").write_text(json.dumps({"format": "chexanatomy-mask-vqvae/1",
+                                                   **self.config.to_json()}, indent=2))
+        (d / "training.json").write_text(json.dumps(record or {}, indent=2, default=_json_default))
+        return d
+
+    @classmethod
+    def load(cls, directory: str | Path) -> "MaskVQVAE":
+        """Load a VQ-VAE written by :meth:`save` (errors name the directory and the problem)."""
+        from safetensors.torch import load_file
+
+        d = Path(directory)
+        for name in ("config.json", "model.safetensors"):
+            if not (d / name).is_file():
+                raise CheckpointError(f"{d}: missing {name} (expected a directory written by MaskVQVAE.save)")
+        try:
+            cfg_json = json.loads((d / "config.json").read_text())
+            cfg_json.pop("format", None)
+            cfg = VQVAEConfig.from_json(cfg_json)
+        except (ValueError, TypeError) as exc:
+            raise CheckpointError(f"{d / 'config.json'}: invalid config ({exc})") from None
+        try:
+            tensors = load_file(str(d / "model.safetensors"))
+        except Exception as exc:  # noqa: BLE001
+            raise CheckpointError(f"{d / 'model.safetensors'}: unreadable ({type(exc).__name__}: {exc})") from None
+        model = cls.from_state_arrays({k: v.numpy() for k, v in tensors.items()},
+                                      source=str(d / "model.safetensors"))
+        if model.config != cfg:
+            raise CheckpointError(f"{d / 'config.json'}: config {cfg} does not match the weights "
+                                  f"in model.safetensors ({model.config})")
+        return model
+
+    @staticmethod
+    def training_record(directory: str | Path) -> dict:
+        """The ``training.json`` written next to a saved VQ-VAE ({} when absent)."""
+        p = Path(directory) / "training.json"
+        return json.loads(p.read_text()) if p.is_file() else {}
+
+
+def _json_default(o: Any) -> Any:
+    if isinstance(o, (np.integer,)):
+        return int(o)
+    if isinstance(o, (np.floating,)):
+        return float(o)
+    if isinstance(o, np.ndarray):
+        return o.tolist()
+    raise TypeError(type(o).__name__)
+
+
+# ---------------------------------------------------------------------- training
+@dataclass
+class VQVAETrainConfig:
+    """Training settings for :func:`train_vqvae`."""
+
+    steps: int = 600  # optimiser steps
+    batch_size: int = 128  # masks per step
+    lr: float = 2e-3  # AdamW peak learning rate (cosine decay, 5% warmup)
+    weight_decay: float = 0.0  # AdamW weight decay
+    commitment: float = 0.25  # beta of the commitment loss
+    bce_weight: float = 0.0  # weight of a binary cross-entropy term on the decoder output (logits x 4)
+    ema_decay: float = 0.95  # codebook EMA decay
+    ae_warmup: float = 0.1  # fraction of steps trained as a plain autoencoder before the codebook is set
+    restart_every: int = 25  # steps between dead-code restarts (0 = never)
+    restart_below: float = 0.5  # an entry with EMA usage below this (per batch) is restarted
+    flip: bool = True  # random horizontal flips as augmentation
+    seed: int = 0  # torch seed (init, batches, restarts)
+    threads: int | None = None  # torch CPU threads while training (None = leave as is; restored afterwards)
+    extra: dict = field(default_factory=dict)  # free-form notes kept in the record
+
+
+def train_vqvae(
+    crops: np.ndarray,
+    model_config: VQVAEConfig | None = None,
+    train_config: VQVAETrainConfig | None = None,
+    device: str | torch.device = "cpu",
+    progress: bool = True,
+) -> tuple[MaskVQVAE, dict]:
+    """Train a mask VQ-VAE on soft 64x64 crops.
+
+    crops: float32 [N, 64, 64] in [0, 1] (tight-box crops resized to 64x64).
+    A short plain-autoencoder warm-up (``ae_warmup``), then: the codebook initialised
+    from encoder outputs, straight-through estimator for the encoder, EMA codebook (k-means-like updates),
+    commitment loss, dead-code restarts from current encoder outputs, MSE to the
+    target ``2 * m - 1``. Returns the model (eval mode, on ``device``) and a training
+    record (config, loss curve, codebook usage and perplexity, wall time).
+    """
+    mc = model_config or VQVAEConfig()
+    tc = train_config or VQVAETrainConfig()
+    data = torch.as_tensor(np.asarray(crops, dtype=np.float32))
+    if data.ndim != 3 or tuple(data.shape[1:]) != (MASK_SIZE, MASK_SIZE) or len(data) == 0:
+        raise ValueError(f"crops must be float [N, 64, 64] with N > 0; got {tuple(data.shape)}")
+    threads_before = torch.get_num_threads()
+    if tc.threads:
+        torch.set_num_threads(tc.threads)
+    try:
+        return _train(data, mc, tc, device, progress)
+    finally:
+        torch.set_num_threads(threads_before)
+
+
+def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool
+           ) -> tuple[MaskVQVAE, dict]:
+    from tqdm.auto import tqdm
+
+    gen = torch.Generator().manual_seed(tc.seed)
+    torch.manual_seed(tc.seed)
+    model = MaskVQVAE(mc).to(device)
+    data = data.to(device)
+    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
+    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
+    warm = max(1, int(0.05 * tc.steps))
+    n_warm = int(tc.ae_warmup * tc.steps) if tc.steps > 1 else 0
+
+    def lr_at(step: int) -> float:
+        if step < warm:
+            return tc.lr * (step + 1) / warm
+        t = (step - warm) / max(1, tc.steps - warm)
+        return tc.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
+
+    k, d = mc.num_embeddings, mc.embedding_dim
+    ema_count = torch.ones(k, device=device)
+    ema_sum = None
+    history: list[dict] = []
+    t0 = time.perf_counter()
+    usage_total = torch.zeros(k, device=device)
+    model.train()
+    bar = tqdm(range(tc.steps), desc="VQ-VAE", disable=not progress, mininterval=2.0)
+    for step in bar:
+        idx = torch.randint(0, len(data), (tc.batch_size,), generator=gen).to(device)
+        m = data[idx]
+        if tc.flip:
+            flip = (torch.rand(len(m), generator=gen) < 0.5).to(device)
+            m = torch.where(flip[:, None, None], m.flip(-1), m)
+        z = model.encode_latent(m)  # [B, D, 4, 4]
+        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
+        if step < n_warm:
+            # NOTE: quantising from step 0 collapsed the codebook onto one code for the
+            # first ~100 steps (an untrained encoder maps every crop to nearly the same
+            # latent); a short autoencoder warm-up spreads the latents first.
+            rec = F.mse_loss(model.decode_latent(z), 2.0 * m - 1.0)
+            for g in opt.param_groups:
+                g["lr"] = lr_at(step)
+            opt.zero_grad(set_to_none=True)
+            rec.backward()
+            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            opt.step()
+            if step % 10 == 0:
+                history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": 0.0,
+                                "perplexity": float("nan"), "restarted": 0})
+            continue
+        with torch.no_grad():
+            if step == n_warm:  # initialise the codebook from encoder outputs
+                pick = torch.randint(0, len(flat), (k,), generator=gen).to(device)
+                model._vq_vae._embedding.copy_(flat[pick] + 1e-3 * torch.randn(k, d, device=device))
+                ema_sum = model._vq_vae._embedding.clone()
+            codes = model._vq_vae.nearest(flat)
+            onehot = F.one_hot(codes, k).type_as(flat)
+            counts = onehot.sum(0)
+            usage_total += counts
+            ema_count.mul_(tc.ema_decay).add_(counts, alpha=1 - tc.ema_decay)
+            ema_sum.mul_(tc.ema_decay).add_(onehot.T @ flat, alpha=1 - tc.ema_decay)
+            n = ema_count.sum()
+            smoothed = (ema_count + 1e-5) / (n + k * 1e-5) * n
+            model._vq_vae._embedding.copy_(ema_sum / smoothed[:, None])
+            restarted = 0
+            if tc.restart_every and step > n_warm and (step - n_warm) % tc.restart_every == 0:
+                dead = torch.nonzero(ema_count < tc.restart_below).flatten()
+                if len(dead):
+                    pick = torch.randint(0, len(flat), (len(dead),), generator=gen).to(device)
+                    model._vq_vae._embedding[dead] = flat[pick]
+                    ema_sum[dead] = flat[pick]
+                    ema_count[dead] = 1.0
+                    restarted = int(len(dead))
+        q = model._vq_vae._embedding[codes]
+        commit = F.mse_loss(flat, q)
+        q_st = flat + (q - flat).detach()
+        recon = model.decode_latent(q_st.reshape(z.shape[0], GRID, GRID, d).permute(0, 3, 1, 2))
+        rec = F.mse_loss(recon, 2.0 * m - 1.0)
+        loss = rec + tc.commitment * commit
+        if tc.bce_weight:
+            # NOTE: the decoder output is thresholded at 0; a cross-entropy on it (scaled
+            # so that +-1 maps to confident logits) weighs the sign at edges more than MSE.
+            loss = loss + tc.bce_weight * F.binary_cross_entropy_with_logits(4.0 * recon, m)
+        for g in opt.param_groups:
+            g["lr"] = lr_at(step)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        opt.step()
+        if step % 10 == 0 or step == tc.steps - 1:
+            probs = counts / counts.sum()
+            perplexity = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
+            history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": float(commit.detach()),
+                            "perplexity": perplexity, "restarted": restarted})
+            bar.set_postfix(mse=f"{history[-1]['recon_mse']:.4f}", ppl=f"{perplexity:.0f}")
+    model.eval()
+    wall = time.perf_counter() - t0
+    # Codebook usage over the whole training set with the final weights.
+    final_counts = torch.zeros(k, dtype=torch.long)
+    with torch.no_grad():
+        for s in range(0, len(data), 1024):
+            c = model.encode(data[s:s + 1024]).cpu().flatten()
+            final_counts += torch.bincount(c, minlength=k)
+    p = final_counts.double() / final_counts.sum()
+    record = {
+        "model_config": mc.to_json(),
+        "train_config": asdict(tc),
+        "n_train_crops": int(len(data)),
+        "wall_s": round(wall, 2),
+        "history": history,
+        "final_recon_mse": history[-1]["recon_mse"] if history else None,
+        "codebook_used": int((final_counts > 0).sum()),
+        "codebook_size": k,
+        "codebook_perplexity": float(torch.exp(-(p * torch.log(p + 1e-12)).sum())),
+        "code_counts": final_counts.tolist(),
+        "device": str(device),
+        "torch": torch.__version__,
+    }
+    return model, record

@@ -1,0 +1,100 @@
+"""MaskCodec geometry: crop, resize and paste, independent of what the VQ-VAE learned."""
+
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+
+from chexanatomy_lib.codec import CodecError, MaskCodec, MaskVQVAE, VQVAEConfig, mask_to_box, resize_weights
+from chexanatomy_lib.codec.tokens import box_to_pixel_box
+
+SMALL = VQVAEConfig(enc_channels=(8, 8, 16, 16), embedding_dim=8, dec_channels=(16, 16, 8, 8, 8))
+
+
+class ConstantDecoder(MaskVQVAE):
+    """Decodes every code to a constant 64x64 map (so pasting can be checked exactly)."""
+
+    def __init__(self, value=1.0):
+        super().__init__(SMALL)
+        self.value = value
+
+    def decode(self, codes, clip=True):
+        return torch.full((len(codes), 64, 64), self.value)
+
+
+@pytest.mark.parametrize("length,start,stop", [(300, 0, 300), (256, 17, 201), (40, 5, 25), (64, 0, 64)])
+def test_resize_weights_equal_antialiased_interpolate(length, start, stop):
+    x = torch.rand(length, 3)
+    w = resize_weights(torch.tensor([start]), torch.tensor([stop]), length, 64)[0]
+    # NOTE: a trailing axis of 2 (not 1): torch's antialiased path mishandles size-1 axes.
+    img = x[start:stop].T.contiguous()[None, :, :, None].expand(1, 3, stop - start, 2).contiguous()
+    ref = F.interpolate(img, size=(64, 2), mode="bilinear", antialias=True, align_corners=False)[0, :, :, 0].T
+    torch.testing.assert_close(w @ x, ref, rtol=1e-5, atol=1e-5)
+    assert torch.all(w[:, :start] == 0) and torch.all(w[:, stop:] == 0)
+
+
+def test_encode_returns_tight_boxes_and_codes_and_rejects_empty():
+    rng = np.random.default_rng(0)
+    masks = np.zeros((5, 96, 128), bool)
+    for m in masks:
+        y, x = rng.integers(0, 60, 2)
+        m[y:y + rng.integers(1, 30), x:x + rng.integers(1, 60)] = True
+    codec = MaskCodec(MaskVQVAE(SMALL), batch_size=2)
+    boxes, codes = codec.encode(masks)
+    assert boxes.dtype == np.float32 and boxes.shape == (5, 4)
+    assert codes.dtype == np.int64 and codes.shape == (5, 16) and codes.max() < 128
+    np.testing.assert_allclose(boxes, np.stack([mask_to_box(m) for m in masks]), atol=1e-6)
+    # batching does not change the result
+    np.testing.assert_array_equal(codes[3], codec.encode(masks[3])[1][0])
+    masks[2] = False
+    with pytest.raises(CodecError, match=r"empty mask\(s\) at index \[2\]"):
+        codec.encode(masks)
+
+
+def test_crop_of_a_rectangle_is_all_ones_and_padding_grows_the_box():
+    m = np.zeros((1, 100, 100), bool)
+    m[0, 30:50, 20:90] = True
+    codec = MaskCodec(MaskVQVAE(SMALL))
+    torch.testing.assert_close(codec.crops_64(m), torch.ones(1, 64, 64))
+    padded = MaskCodec(MaskVQVAE(SMALL), crop="padded", pad_px=10)
+    np.testing.assert_allclose(padded.boxes_of(m)[0].numpy(), [0.2, 0.1, 0.6, 1.0], atol=1e-6)
+    crop = padded.crops_64(m)[0]
+    assert 0 < float(crop.mean()) < 1
+    nearest = MaskCodec(MaskVQVAE(SMALL), crop="padded", resize="nearest")
+    assert set(np.unique(nearest.crops_64(m).numpy())) <= {0.0, 1.0}
+
+
+def test_decode_pastes_into_the_truncated_pixel_box():
+    codec = MaskCodec(ConstantDecoder(1.0))
+    boxes = np.array([[0.1, 0.2, 0.5, 0.77], [0.0, 0.0, 1.0, 1.0], [0.3, 0.3, 0.3 + 1e-4, 0.6],
+                      [np.nan, 0, 1, 1]])
+    out = codec.decode(boxes, np.zeros((4, 16), int), 90, 110)
+    assert out.dtype == bool and out.shape == (4, 90, 110)
+    y0, x0, y1, x1 = box_to_pixel_box(boxes[0], 90, 110)
+    expect = np.zeros((90, 110), bool)
+    expect[y0:y1, x0:x1] = True
+    np.testing.assert_array_equal(out[0], expect)
+    assert out[1].all()
+    assert not out[2].any()  # collapses after truncation
+    assert not out[3].any()  # NaN box
+    assert not MaskCodec(ConstantDecoder(-1.0)).decode(boxes[:2], np.zeros((2, 16), int), 90, 110).any()
+
+
+def test_instance_tokens_layout():
+    codec = MaskCodec(MaskVQVAE(SMALL))
+    text = codec.instance_tokens(np.array([0.0, 0.5, 1.0, 1.0]), np.arange(16))
+    assert text == "<loc0000><loc0512><loc1023><loc1023>" + "".join(f"<seg{i:03d}>" for i in range(16))
+
+
+def test_windowed_crops_equal_full_image_resampling():
+    rng = np.random.default_rng(5)
+    masks = np.zeros((6, 80, 120), bool)
+    for m in masks:
+        y, x = rng.integers(0, 60, 2)
+        m[y:y + rng.integers(1, 20), x:x + rng.integers(1, 60)] = True
+    codec = MaskCodec(MaskVQVAE(SMALL))
+    b = codec.boxes_of(masks)
+    t = torch.from_numpy(masks)
+    y0, x0, y1, x1 = (torch.round(b[:, k].double() * s).long() for k, s in zip(range(4), (80, 120, 80, 120)))
+    ref = torch.bmm(torch.bmm(resize_weights(y0, y1, 80, 64), t.float()), resize_weights(x0, x1, 120, 64).transpose(1, 2))
+    torch.testing.assert_close(codec.crops_64(masks, b), ref.clamp(0, 1), rtol=1e-5, atol=1e-5)
