@@ -1,0 +1,201 @@
+"""Decoding: grammar-constrained and free greedy generation of ``segment`` outputs.
+
+For a request ``"segment a ; b ; c"`` the output grammar is, per structure in
+order: four loc tokens forming a valid box (``ymax > ymin``, ``xmax > xmin``),
+sixteen seg tokens, the requested name's tokens, then ``" ; "`` (or ``<eos>``
+after the last). Only the loc and seg tokens are free choices, so the grammar is
+a fixed sequence of slots that a `LogitsProcessor` enforces by masking logits.
+All structures of one image are asked in one sequence, so the image prefix is
+encoded once per image.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Any, Sequence
+
+import numpy as np
+
+# Slot kinds of the grammar plan (non-negative entries are forced token ids).
+Y0, X0, Y1, X1, SEG = -1, -2, -3, -4, -5
+_LOC_ORDER = (Y0, X0, Y1, X1)
+
+
+def grammar_plan(tokenizer, names: Sequence[str]) -> list[int]:
+    """Slot sequence of the constrained output for `names` (ending with `<eos>`).
+
+    Built by tokenising a template target (with placeholder tokens), so forced
+    name and separator ids are exactly the ids training used.
+    Entries: `Y0, X0, Y1, X1` (loc slots), `SEG`, or a forced token id (>= 0).
+    """
+    from ..codec.tokens import format_target
+
+    template = format_target("segment", [(n, np.array([0.0, 0.0, 1.0, 1.0]), np.zeros(16, np.int64))
+                                         for n in names])
+    ids = tokenizer(template, add_special_tokens=False)["input_ids"]
+    loc0 = tokenizer.convert_tokens_to_ids("<loc0000>")
+    seg0 = tokenizer.convert_tokens_to_ids("<seg000>")
+    plan: list[int] = []
+    k = 0
+    for t in ids:
+        if loc0 <= t < loc0 + 1024:
+            plan.append(_LOC_ORDER[k % 4])
+            k += 1
+        elif seg0 <= t < seg0 + 128:
+            plan.append(SEG)
+        else:
+            plan.append(int(t))
+    plan.append(int(tokenizer.eos_token_id))
+    return plan
+
+
+def _logits_processor_base():
+    from transformers import LogitsProcessor
+
+    return LogitsProcessor
+
+
+class SegmentGrammar(_logits_processor_base()):
+    """`LogitsProcessor` enforcing a `grammar_plan` on every row of a batch.
+
+    prompt_len: length of the (left-padded) prompt ids given to `generate`.
+    loc_start / seg_start: ids of `<loc0000>` and `<seg000>`.
+    pad_id: forced once the plan is complete (rows stay aligned).
+    """
+
+    def __init__(self, plan: Sequence[int], prompt_len: int, loc_start: int, seg_start: int, pad_id: int):
+        self.plan = list(plan)
+        self.prompt_len = int(prompt_len)
+        self.loc_start = int(loc_start)
+        self.seg_start = int(seg_start)
+        self.pad_id = int(pad_id)
+
+    def __call__(self, input_ids, scores):
+        import torch
+
+        t = input_ids.shape[1] - self.prompt_len
+        allowed = torch.zeros_like(scores, dtype=torch.bool)
+        slot = self.plan[t] if t < len(self.plan) else self.pad_id
+        L = self.loc_start
+        if slot >= 0:
+            allowed[:, slot] = True
+        elif slot == SEG:
+            allowed[:, self.seg_start:self.seg_start + 128] = True
+        elif slot in (Y0, X0):
+            allowed[:, L:L + 1023] = True  # leave room for a larger max
+        else:  # Y1 / X1: strictly greater than the matching min two tokens back
+            lo = input_ids[:, -2] - L + 1  # [B]
+            bins = torch.arange(1024, device=scores.device)
+            ok = bins[None, :] >= lo[:, None].clamp(1, 1023)
+            allowed[:, L:L + 1024] = ok
+        return scores.masked_fill(~allowed, float("-inf"))
+
+
+@dataclass
+class Decoded:
+    """Output for one image: raw text, per-structure parse, masks, boxes.
+
+    text: generated text (special tokens kept, `<eos>`/`<pad>` stripped).
+    names: requested names (prompt order).
+    parsed: `ParsedInstance` per requested name (`codec.tokens.parse_output`).
+    """
+
+    text: str
+    names: list[str]
+    parsed: list[Any]
+
+
+def generate_segment(
+    vlm,
+    images: Sequence[np.ndarray],
+    names: Sequence[str],
+    constrained: bool = True,
+    batch_size: int = 16,
+    device: str | None = None,
+    progress: bool = False,
+) -> list[Decoded]:
+    """Greedy decoding of ``"segment " + " ; ".join(names)`` for each image.
+
+    images: float [H, W] grey in [0, 1] (or [H, W, 3]); any size (the processor resizes).
+    names: names to request (prompt text, e.g. display names), the same for every image.
+    constrained: enforce the grammar (`SegmentGrammar`); False = free greedy decoding.
+    Returns one `Decoded` per image; malformed free output never raises (it is
+    reported as invalid instances by the parser).
+    """
+    import torch
+    from tqdm.auto import tqdm
+
+    from ..codec.tokens import format_prompt, parse_output
+    from .tasks import Sample, encode_batch, grey_to_rgb
+
+    tok = vlm.processor.tokenizer
+    model = vlm.model
+    dev = torch.device(device) if device else next(model.parameters()).device
+    plan = grammar_plan(tok, names)
+    prompt = format_prompt("segment", names)
+    loc0 = tok.convert_tokens_to_ids("<loc0000>")
+    seg0 = tok.convert_tokens_to_ids("<seg000>")
+    results: list[Decoded] = []
+    model.eval()
+    starts = range(0, len(images), batch_size)
+    for s in tqdm(starts, desc="decoding", disable=not progress):
+        chunk = images[s:s + batch_size]
+        samples = [Sample(grey_to_rgb(im) if np.asarray(im).ndim == 2 else np.asarray(im, np.float32),
+                          prompt, None, "segment") for im in chunk]
+        batch = {k: v.to(dev) for k, v in encode_batch(vlm.processor, samples, train=False).items()}
+        prompt_len = batch["input_ids"].shape[1]
+        kw: dict[str, Any] = dict(max_new_tokens=len(plan), do_sample=False, num_beams=1,
+                                  pad_token_id=tok.pad_token_id, eos_token_id=tok.eos_token_id)
+        if constrained:
+            from transformers import LogitsProcessorList
+
+            kw["logits_processor"] = LogitsProcessorList(
+                [SegmentGrammar(plan, prompt_len, loc0, seg0, tok.pad_token_id)])
+        else:
+            kw["max_new_tokens"] = len(plan) + 8
+        with torch.no_grad():
+            out = model.generate(**batch, **kw)
+        gen = out[:, prompt_len:].cpu().tolist()
+        for row in gen:
+            text = tok.decode(row, skip_special_tokens=False)
+            for end in ("<eos>", "<pad>"):
+                cut = text.find(end)
+                if cut >= 0:
+                    text = text[:cut]
+            parsed = parse_output(text, "segment", expected=list(names))
+            results.append(Decoded(text.strip(), list(names), parsed))
+    return results
+
+
+def instances_to_arrays(decoded: Sequence[Decoded], codec, height: int, width: int):
+    """Decoded outputs -> (masks bool [N, S, H, W], boxes float32 [N, S, 4] (NaN if invalid), valid bool [N, S]).
+
+    Masks come from the codec's decoder at `height` x `width`; invalid instances
+    get empty masks and NaN boxes.
+    """
+    n = len(decoded)
+    s = len(decoded[0].names) if n else 0
+    masks = np.zeros((n, s, height, width), bool)
+    boxes = np.full((n, s, 4), np.nan, np.float32)
+    valid = np.zeros((n, s), bool)
+    rows, b_list, c_list = [], [], []
+    for i, d in enumerate(decoded):
+        for j, p in enumerate(d.parsed):
+            if p.valid and p.box is not None and p.codes is not None:
+                valid[i, j] = True
+                boxes[i, j] = p.box
+                rows.append((i, j))
+                b_list.append(p.box)
+                c_list.append(p.codes)
+    if rows:
+        dec = codec.decode(np.stack(b_list), np.stack(c_list), height, width)
+        for (i, j), m in zip(rows, dec):
+            masks[i, j] = m
+    return masks, boxes, valid
+
+
+def invalid_rate(decoded: Sequence[Decoded]) -> float:
+    """Fraction of requested instances that did not parse as valid."""
+    total = sum(len(d.parsed) for d in decoded)
+    bad = sum(not p.valid for d in decoded for p in d.parsed)
+    return bad / total if total else 0.0

@@ -1,0 +1,142 @@
+"""From a fine-tuned VLM to predictions: dataset splits, single images, checkpoints.
+
+- `predict_split`: one ``segment`` sequence per image (all structures), decoded
+  with or without the grammar, turned into `evaluation.Predictions`.
+- `save_finetuned` / `VLMSegmenter.load`: the chapter's checkpoint folder
+  (weights or LoRA adapter, processor, the mask codec, `model_card.json`) and the
+  `.segment(image, structures)` interface used by ``chexanatomy segment``.
+"""
+
+from __future__ import annotations
+
+import shutil
+from pathlib import Path
+from typing import Any, Sequence
+
+import numpy as np
+
+CODEC_DIR = "codec"
+
+
+def prompt_names(structures: Sequence[str], registry=None) -> list[str]:
+    """Registry names -> the display names used to request them (``"lung_left"`` -> ``"left lung"``)."""
+    if registry is None:
+        from ..ct.registry import load_registry
+
+        registry = load_registry()
+    return [registry.get(s).display for s in structures]
+
+
+def predict_split(vlm, dataset, split: str, structures: Sequence[str], codec, constrained: bool = True,
+                  batch_size: int = 16, progress: bool = True, device: str | None = None):
+    """Predict every image of `split` with one ``segment`` request listing `structures`.
+
+    Returns (`Predictions` at the dataset's image size, list of `Decoded` per image).
+    Boxes are the decoded loc boxes (NaN where invalid); masks come from `codec`.
+    """
+    from ..evaluation.predictions import Predictions
+    from .decode import generate_segment, instances_to_arrays
+
+    idx = dataset.split_indices(split)
+    names = prompt_names(structures)
+    images = [np.asarray(dataset.images[i], dtype=np.float32) for i in idx]
+    decoded = generate_segment(vlm, images, names, constrained=constrained, batch_size=batch_size,
+                               progress=progress, device=device)
+    size = int(dataset.image_size)
+    masks, boxes, valid = instances_to_arrays(decoded, codec, size, size)
+    pred = Predictions(dataset.index["image_id"].iloc[idx].to_numpy(), np.array(list(structures)),
+                       masks, boxes, valid)
+    return pred, decoded
+
+
+def save_finetuned(vlm, out_dir: str | Path, structures: Sequence[str], codec_dir: str | Path,
+                   extra: dict[str, Any] | None = None) -> Path:
+    """Write the checkpoint folder read by chapter 4 and ``chexanatomy segment``.
+
+    out_dir/model or out_dir/adapter (weights), out_dir/processor, out_dir/codec
+    (a copy of the mask VQ-VAE folder), out_dir/model_card.json with
+    ``{"kind": "vlm", "structures": [...], "prompt_names": [...], "codec": "codec", ...}``.
+    """
+    from .model import save_vlm
+
+    out = Path(out_dir)
+    codec_src = Path(codec_dir)
+    if not codec_src.is_dir():
+        raise FileNotFoundError(f"{codec_src}: mask codec folder not found (chapter 2 writes it)")
+    dst = out / CODEC_DIR
+    if dst.exists():
+        shutil.rmtree(dst)
+    out.mkdir(parents=True, exist_ok=True)
+    shutil.copytree(codec_src, dst)
+    card = {"structures": list(structures), "prompt_names": prompt_names(structures), "codec": CODEC_DIR}
+    card.update(extra or {})
+    return save_vlm(vlm, out, card)
+
+
+class VLMSegmenter:
+    """Segment structures on one radiograph with a fine-tuned VLM (constrained decoding).
+
+    `.segment(image float [H, W] in [0, 1], structures)` ->
+    ``{requested text: (mask bool [H, W], box float32 [4] normalised or None, tokens str or None)}``,
+    the same interface as the U-Net's segmenter.
+    """
+
+    def __init__(self, vlm, codec, device: str = "cpu", constrained: bool = True):
+        self.vlm = vlm
+        self.codec = codec
+        self.device = device
+        self.constrained = constrained
+        card = vlm.info.get("card", {})
+        self.structures = list(card.get("structures", []))
+
+    @classmethod
+    def load(cls, ckpt_dir: str | Path, device: str = "auto", constrained: bool = True) -> "VLMSegmenter":
+        """Load a folder written by `save_finetuned` (CheckpointError naming what is missing)."""
+        import torch
+
+        from ..codec import MaskCodec
+        from .model import CheckpointError, load_saved_vlm
+
+        d = Path(ckpt_dir)
+        vlm = load_saved_vlm(d)
+        codec_dir = d / vlm.info["card"].get("codec", CODEC_DIR)
+        if not codec_dir.is_dir():
+            raise CheckpointError(f"{codec_dir}: the mask codec is missing from this checkpoint")
+        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        vlm.model.to(dev)
+        return cls(vlm, MaskCodec.ours(codec_dir), dev, constrained)
+
+    def _prompt_name(self, text: str) -> str:
+        from ..ct.registry import load_registry
+
+        reg = load_registry()
+        s = reg.resolve(text)  # raises UnknownStructureError with suggestions
+        if self.structures and s.name not in self.structures:
+            raise ValueError(f"structure {text!r} ({s.name}) was not among this model's training targets "
+                             f"{self.structures}")
+        return s.display
+
+    def segment(self, image: np.ndarray, structures: Sequence[str]) -> dict[str, tuple]:
+        """Segment `structures` (registry names, display names or synonyms) on one image (any size)."""
+        from ..radiograph import letterbox
+        from .decode import generate_segment, instances_to_arrays
+
+        img = np.asarray(image, dtype=np.float32)
+        if img.ndim != 2:
+            raise ValueError(f"image must be [H, W], got shape {img.shape}")
+        names = [self._prompt_name(t) for t in structures]
+        # NOTE: masks are decoded on the square (at most 1024 px) and resized back
+        square, lb = letterbox(img, min(max(img.shape), 1024))
+        dec = generate_segment(self.vlm, [square], names, constrained=self.constrained, device=self.device)
+        masks, boxes, valid = instances_to_arrays(dec, self.codec, lb.size, lb.size)
+        out: dict[str, tuple] = {}
+        tokens = [p for p in dec[0].text.split(" ; ")]
+        for j, text in enumerate(structures):
+            if not valid[0, j]:
+                out[str(text)] = (np.zeros(img.shape, bool), None, tokens[j] if j < len(tokens) else None)
+                continue
+            box = lb.box_to_original(boxes[0, j])
+            if box[2] <= box[0] or box[3] <= box[1]:
+                box = None  # NOTE: a box that lies wholly in the letterbox padding is no box in the image
+            out[str(text)] = (lb.mask_to_original(masks[0, j]), box, tokens[j] if j < len(tokens) else None)
+        return out
