@@ -21,28 +21,19 @@ path is relative to ``data_root``, itself relative to the manifest's folder.
 
 from __future__ import annotations
 
-import hashlib
 import os
 import re
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
 
+from ..provenance import sha256_file
 from .errors import ChecksumError, ManifestError
 
 SPLITS = ("train", "val", "test")
 CASE_KEYS = {"case_id", "ct", "labels", "split", "sha256"}
 MANIFEST_KEYS = {"name", "description", "licence", "origin", "data_root", "cases", "notes"}
 _VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")
-
-
-def sha256_file(path: str | Path, chunk: int = 1 << 20) -> str:
-    """Hex sha256 of a file, read in 1 MiB chunks."""
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for block in iter(lambda: f.read(chunk), b""):
-            h.update(block)
-    return h.hexdigest()
 
 
 def _expand_vars(text: str, manifest: Path) -> str:
