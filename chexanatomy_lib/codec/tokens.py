@@ -73,21 +73,39 @@ def loc_tokens_to_box(text: str) -> np.ndarray:
     return np.asarray(bins, dtype=np.float64) / (NUM_LOC_BINS - 1)
 
 
-def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """Tight box of a mask bool [H, W] -> float64 [4] normalised ``(ymin, xmin, ymax, xmax)``.
+def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
+    """Tight boxes of masks bool [..., H, W] -> float64 [..., 4] normalised ``(ymin, xmin, ymax, xmax)``.
 
     Pixel-edge convention: rows ``r0..r1`` give ``ymin = r0 / H`` and ``ymax = (r1 + 1) / H``,
-    so a one-pixel object has a box of one pixel. Raises ``ValueError`` on an empty mask.
+    so a one-pixel object has a box of one pixel. Empty masks give NaN boxes.
     """
-    m = np.asarray(mask).astype(bool)
+    m = np.asarray(masks).astype(bool)
+    if m.ndim < 2:
+        raise ValueError(f"masks must be [..., H, W]; got shape {m.shape}")
+    h, w = m.shape[-2:]
+    rows, cols = m.any(-1), m.any(-2)
+    ar_h, ar_w = np.arange(h), np.arange(w)
+    y0 = np.where(rows, ar_h, h).min(-1)
+    y1 = np.where(rows, ar_h, -1).max(-1) + 1
+    x0 = np.where(cols, ar_w, w).min(-1)
+    x1 = np.where(cols, ar_w, -1).max(-1) + 1
+    out = np.stack([y0 / h, x0 / w, y1 / h, x1 / w], -1).astype(np.float64)
+    out[~rows.any(-1)] = np.nan
+    return out
+
+
+def mask_to_box(mask: np.ndarray) -> np.ndarray:
+    """Tight box of one mask bool [H, W] -> float64 [4] (see :func:`masks_to_boxes`).
+
+    Raises ``ValueError`` on an empty mask.
+    """
+    m = np.asarray(mask)
     if m.ndim != 2:
         raise ValueError(f"mask must be 2-D [H, W]; got shape {m.shape}")
-    rows = np.flatnonzero(m.any(axis=1))
-    cols = np.flatnonzero(m.any(axis=0))
-    if rows.size == 0:
+    box = masks_to_boxes(m)
+    if np.isnan(box).any():
         raise ValueError("mask is empty: an empty mask has no box")
-    h, w = m.shape
-    return np.array([rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w], dtype=np.float64)
+    return box
 
 
 def pixel_box_to_tokens(pixel_box: Sequence[int], height: int, width: int) -> str:

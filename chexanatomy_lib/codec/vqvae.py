@@ -311,6 +311,7 @@ class VQVAETrainConfig:
     weight_decay: float = 0.0  # AdamW weight decay
     commitment: float = 0.25  # beta of the commitment loss
     bce_weight: float = 0.0  # weight of a binary cross-entropy term on the decoder output (logits x 4)
+    dice_weight: float = 0.0  # weight of a soft Dice loss on sigmoid(4 x decoder output), per crop
     ema_decay: float = 0.95  # codebook EMA decay
     ae_warmup: float = 0.1  # fraction of steps trained as a plain autoencoder before the codebook is set
     restart_every: int = 25  # steps between dead-code restarts (0 = never)
@@ -327,10 +328,13 @@ def train_vqvae(
     train_config: VQVAETrainConfig | None = None,
     device: str | torch.device = "cpu",
     progress: bool = True,
+    weights: np.ndarray | None = None,
 ) -> tuple[MaskVQVAE, dict]:
     """Train a mask VQ-VAE on soft 64x64 crops.
 
     crops: float32 [N, 64, 64] in [0, 1] (tight-box crops resized to 64x64).
+    weights: optional float [N] >= 0, relative probability of drawing each crop into a
+    batch (e.g. to balance thin and large structures); None: uniform.
     A short plain-autoencoder warm-up (``ae_warmup``), then: the codebook initialised
     from encoder outputs, straight-through estimator for the encoder, EMA codebook (k-means-like updates),
     commitment loss, dead-code restarts from current encoder outputs, MSE to the
@@ -342,17 +346,32 @@ def train_vqvae(
     data = torch.as_tensor(np.asarray(crops, dtype=np.float32))
     if data.ndim != 3 or tuple(data.shape[1:]) != (MASK_SIZE, MASK_SIZE) or len(data) == 0:
         raise ValueError(f"crops must be float [N, 64, 64] with N > 0; got {tuple(data.shape)}")
+    w = None
+    if weights is not None:
+        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
+        if w.shape != (len(data),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
+            raise ValueError(f"weights must be finite, >= 0, not all 0, of shape ({len(data)},); "
+                             f"got shape {tuple(w.shape)}")
     threads_before = torch.get_num_threads()
     if tc.threads:
         torch.set_num_threads(tc.threads)
     try:
-        return _train(data, mc, tc, device, progress)
+        return _train(data, mc, tc, device, progress, w)
     finally:
         torch.set_num_threads(threads_before)
 
 
-def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool
-           ) -> tuple[MaskVQVAE, dict]:
+def draw_batch(n: int, batch_size: int, generator: torch.Generator, weights: torch.Tensor | None = None
+               ) -> torch.Tensor:
+    """Indices int64 [batch_size] in range(n), drawn with replacement: uniform, or with
+    probability proportional to ``weights`` (float [n] >= 0, not all 0)."""
+    if weights is None:
+        return torch.randint(0, n, (batch_size,), generator=generator)
+    return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+
+
+def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool,
+           weights: torch.Tensor | None = None) -> tuple[MaskVQVAE, dict]:
     from tqdm.auto import tqdm
 
     gen = torch.Generator().manual_seed(tc.seed)
@@ -379,7 +398,7 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
     model.train()
     bar = tqdm(range(tc.steps), desc="VQ-VAE", disable=not progress, mininterval=2.0)
     for step in bar:
-        idx = torch.randint(0, len(data), (tc.batch_size,), generator=gen).to(device)
+        idx = draw_batch(len(data), tc.batch_size, gen, weights).to(device)
         m = data[idx]
         if tc.flip:
             flip = (torch.rand(len(m), generator=gen) < 0.5).to(device)
@@ -434,6 +453,13 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
             # NOTE: the decoder output is thresholded at 0; a cross-entropy on it (scaled
             # so that +-1 maps to confident logits) weighs the sign at edges more than MSE.
             loss = loss + tc.bce_weight * F.binary_cross_entropy_with_logits(4.0 * recon, m)
+        if tc.dice_weight:
+            # NOTE: MSE is dominated by the background of a thin structure's box; a soft
+            # Dice per crop weighs a rib's few inside pixels as much as a lung's many.
+            prob = torch.sigmoid(4.0 * recon)
+            inter = (prob * m).sum((1, 2))
+            soft_dice = (2 * inter + 1.0) / (prob.sum((1, 2)) + m.sum((1, 2)) + 1.0)
+            loss = loss + tc.dice_weight * (1.0 - soft_dice).mean()
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
@@ -459,6 +485,7 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
         "model_config": mc.to_json(),
         "train_config": asdict(tc),
         "n_train_crops": int(len(data)),
+        "weighted_sampling": weights is not None,
         "wall_s": round(wall, 2),
         "history": history,
         "final_recon_mse": history[-1]["recon_mse"] if history else None,

@@ -312,6 +312,25 @@ def synthesize_dataset(
     return Path(out_path)
 
 
+#: The last prepared CT and deformed copy, reused by consecutive `render_sample` calls
+#: for the same case and copy (e.g. one row at several sizes): preparing the CT takes
+#: seconds, rendering one more size a fraction of that.
+_VOLUME_CACHE: dict[str, Any] = {}
+
+
+def _cached_volume(case: Any, settings: RenderSettings, copy: CopySpec) -> tuple[Any, Any]:
+    """(SourceCT, WorkingVolume) for ``case`` deformed by ``copy``, from the one-entry cache when it matches."""
+    c = _VOLUME_CACHE
+    if c.get("case") is not case or c.get("mu_water") != settings.mu_water:
+        c.clear()
+        c.update(case=case, mu_water=settings.mu_water, source=SourceCT.from_case(case, settings.mu_water))
+    key = (repr(copy), settings.working_spacing_mm)
+    if c.get("volume_key") != key:
+        c["volume"] = make_working_volume(c["source"], settings.working_spacing_mm, copy)
+        c["volume_key"] = key
+    return c["source"], c["volume"]
+
+
 def render_sample(case: Any, row: dict, image_size: int, settings: RenderSettings | dict | None = None,
                   structures: Sequence[str] | None = None, threads: int | None = 1,
                   ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -333,12 +352,12 @@ def render_sample(case: Any, row: dict, image_size: int, settings: RenderSetting
     if isinstance(settings, dict):
         settings = RenderSettings.from_dict(settings)
     settings = replace(settings or RenderSettings(), image_size=int(image_size))
-    source = SourceCT.from_case(case, settings.mu_water)
-    names = list(structures) if structures is not None else structures_present(source.label_ids)
+    names_given = list(structures) if structures is not None else None
     pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
     from .projector import torch_threads
 
     with torch_threads(threads):
-        volume = make_working_volume(source, settings.working_spacing_mm, CopySpec.from_row(row))
+        source, volume = _cached_volume(case, settings, CopySpec.from_row(row))
+        names = names_given if names_given is not None else structures_present(source.label_ids)
         return render_view(volume, str(row["view"]), pose, settings, structure_groups(names, source.label_ids),
                            int(row["noise_seed"]))

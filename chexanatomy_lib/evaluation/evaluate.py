@@ -25,26 +25,11 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..codec.tokens import masks_to_boxes
 from .metrics import box_iou, bootstrap_table, dice_from_counts, hd95, iou_from_counts
 from .predictions import Predictions, PredictionsError
 
 METRICS = ("dice", "iou", "hd95", "box_iou", "box_acc@0.5", "box_acc@0.75")
-
-
-def _tight_boxes(masks: np.ndarray) -> np.ndarray:
-    """bool [..., H, W] -> float [..., 4] normalised tight boxes, NaN for empty masks."""
-    h, w = masks.shape[-2:]
-    rows = masks.any(-1)
-    cols = masks.any(-2)
-    has = rows.any(-1)
-    ar_h, ar_w = np.arange(h), np.arange(w)
-    y0 = np.where(rows, ar_h, h).min(-1)
-    y1 = np.where(rows, ar_h, -1).max(-1) + 1
-    x0 = np.where(cols, ar_w, w).min(-1)
-    x1 = np.where(cols, ar_w, -1).max(-1) + 1
-    out = np.stack([y0 / h, x0 / w, y1 / h, x1 / w], -1).astype(np.float64)
-    out[~has] = np.nan
-    return out
 
 
 def evaluate_predictions(
@@ -113,7 +98,7 @@ def evaluate_predictions(
             keep &= ~truncated
         d = dice_from_counts(tp, fp, fn, empty_value=1.0)
         j = iou_from_counts(tp, fp, fn, empty_value=1.0)
-        gt_box = _tight_boxes(ref)
+        gt_box = masks_to_boxes(ref)
         pb = np.where(valid[:, None], pred.boxes[r, pch].astype(np.float64), np.nan)
         biou = np.where(absent, np.nan, box_iou(pb, gt_box))
         hd = np.full(len(names), np.nan)
