@@ -44,7 +44,9 @@
 # (weight decay 0.01, β₂ = 0.999) with linear warm-up and cosine decay and gradient
 # clipping at 1.0, driven by HF Accelerate. Optionally (`loc_sigma`) a box coordinate's
 # target is spread over neighbouring `<loc>` bins, so that a near miss costs less than
-# a far one; a randomly initialised model also starts with ordinal `<loc>` embeddings
+# a far one, and (`loc_weight`) the four box tokens of a structure can be weighted up
+# against its sixteen seg tokens and its name, so that *where* a structure is does not
+# take second place to its outline; a randomly initialised model also starts with ordinal `<loc>` embeddings
 # (sinusoidal in the bin index), since a coordinate is a position on a line, not one
 # of 1,024 unrelated classes; the full training state is checkpointed
 # so that an interrupted run resumes to the same weights.
@@ -65,9 +67,9 @@ adapter: str | None = None  # a published LoRA adapter (folder or id) to start f
 finetune_vision = True  # train the vision tower (always for random models; LoRA on SigLIP for checkpoints)
 lora_r = 16  # LoRA rank (checkpoints only)
 dtype = "auto"  # checkpoint weight dtype: "auto" (bf16 on CUDA), "float32", "bfloat16"
-structures = ["lung_left", "lung_right", "heart", "trachea", "aorta"]  # registry names to learn (those never usable in training are dropped)
-task_mix = {"segment": 0.7, "detect": 0.1, "caption_box": 0.05, "caption_mask": 0.05, "highlight": 0.05, "view": 0.05}  # task sampling weights
-full_list_prob = 0.9  # share of segment/detect prompts listing all structures in order (the test request)
+structures = ["lung_left", "lung_right", "heart"]  # registry names to learn (those never usable in training are dropped)
+task_mix = {"segment": 0.75, "detect": 0.15, "caption_box": 0.025, "caption_mask": 0.025, "highlight": 0.025, "view": 0.025}  # task sampling weights
+full_list_prob = 1.0  # share of segment/detect prompts listing all structures in order (the test request)
 augment = 0.5  # probability that a sample is a randomly rotated/zoomed/shifted copy
 augment_copies = 3  # augmented copies precomputed per training image (their tokens recomputed)
 max_rotation_deg = 8.0  # augmentation: rotation drawn in +-this (degrees)
@@ -75,8 +77,9 @@ max_scale = 0.08  # augmentation: zoom drawn in [1 - this, 1 + this]
 max_shift = 0.04  # augmentation: shift drawn in +-this fraction of the side
 steps = 300  # optimizer steps
 batch_size = 8  # samples per optimizer step
-lr = 0.002  # peak AdamW learning rate (5e-5 is the paper's LoRA value)
-loc_sigma = 4.0  # loc targets spread as a Gaussian of this many bins (0 = plain cross-entropy)
+lr = 0.003  # peak AdamW learning rate (5e-5 is the paper's LoRA value)
+loc_sigma = 24.0  # loc targets spread as a Gaussian of this many bins (0 = plain cross-entropy)
+loc_weight = 4.0  # weight of each <loc> target token in the loss relative to the other answer tokens
 warmup_steps = 20  # linear warm-up steps
 mixed_precision = "no"  # "no", "bf16" or "fp16" (GPU)
 gradient_checkpointing = False  # recompute activations in the backward pass (saves GPU memory)
@@ -170,7 +173,8 @@ report
 
 # %%
 config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loc_sigma=loc_sigma,
-                     mixed_precision=mixed_precision, gradient_checkpointing=gradient_checkpointing,
+                     loc_weight=loc_weight, mixed_precision=mixed_precision,
+                     gradient_checkpointing=gradient_checkpointing,
                      save_every=save_every, seed=seed, device=device)
 result = train(vlm, sampler.sample, train_idx, config, out, resume=resume)
 plot_loss(result.log, title=f"{model}: {steps} steps of {batch_size} samples ({result.seconds:.0f} s)")
@@ -283,6 +287,10 @@ print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
 # Dice values or the comparison with the U-Net in distribution: those need many CTs
 # and a pretrained checkpoint (`model = "google/paligemma2-3b-pt-224"`, LoRA, the
 # paper profile on a GPU). Scores of one patient's copies are also optimistic for the
-# baseline, whose mean mask is a good guess when every image shows the same anatomy:
-# where it already puts a structure's box at IoU ≥ 0.5 in nearly every test image (the
-# lungs here), box accuracy cannot separate a model from it and only Dice can.
+# baseline, whose mean mask is a good guess when every image shows the same anatomy;
+# chapter 1 therefore varies the pose widely (large shifts and magnifications on a
+# wide detector), so that the average position alone often puts a lung's box at the
+# wrong place and box accuracy, not only Dice, can separate a model from it. With
+# twenty-odd test images the intervals are wide, and the ranking of model and baseline
+# can change with the seed; the table and the list printed above, not this text, say
+# what this run achieved.

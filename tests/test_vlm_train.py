@@ -140,3 +140,22 @@ def test_checkpoints_of_other_settings_are_not_resumed(fake, tmp_path):
     _run(fake, tmp_path / "run", save_every=2, stop_after=2)
     _, res = _run(fake, tmp_path / "run", save_every=2, lr=5e-4, steps=3)
     assert res.resumed_from == 0 and res.finished
+
+
+def test_loc_weight_weights_box_tokens_in_the_mean():
+    import torch
+
+    from chexanatomy_lib.vlm.train import token_loss
+
+    torch.manual_seed(0)
+    v, loc_start, n_bins = 40, 10, 20
+    logits = torch.randn(2, 6, v)
+    labels = torch.tensor([[-100, 12, 3, 25, 5, -100], [-100, -100, 11, 4, 29, 2]])
+    plain = token_loss(logits, labels, loc_start, 0.0, n_bins=n_bins)
+    assert torch.allclose(token_loss(logits, labels, loc_start, 0.0, n_bins=n_bins, loc_weight=1.0), plain)
+    tgt = labels[:, 1:][labels[:, 1:] != -100]
+    nll = torch.nn.functional.cross_entropy(logits[:, :-1][labels[:, 1:] != -100], tgt, reduction="none")
+    w = torch.where((tgt >= loc_start) & (tgt < loc_start + n_bins), 3.0, 1.0)
+    weighted = token_loss(logits, labels, loc_start, 0.0, n_bins=n_bins, loc_weight=3.0)
+    assert torch.allclose(weighted, (w * nll).sum() / w.sum())
+    assert not torch.allclose(weighted, plain)

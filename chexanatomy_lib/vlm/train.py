@@ -34,6 +34,7 @@ class TrainConfig:
     warmup_steps: int = 20  # linear warmup steps, then cosine decay to 0
     grad_clip: float = 1.0  # max global gradient norm
     loc_sigma: float = 0.0  # >0: loc-token targets spread as a Gaussian of this many bins (0: plain cross-entropy)
+    loc_weight: float = 1.0  # weight of a `<loc>` target token relative to any other answer token in the loss
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate)
     gradient_checkpointing: bool = False  # recompute activations in backward (saves memory)
     save_every: int = 0  # checkpoint every K steps (0: only the final state)
@@ -69,13 +70,17 @@ def cosine_with_warmup(step: int, warmup: int, total: int) -> float:
     return 0.5 * (1.0 + math.cos(math.pi * min(1.0, progress)))
 
 
-def token_loss(logits, labels, loc_start: int = -1, loc_sigma: float = 0.0, n_bins: int = 1024):
-    """Next-token cross-entropy (mean over supervised tokens).
+def token_loss(logits, labels, loc_start: int = -1, loc_sigma: float = 0.0, n_bins: int = 1024,
+               loc_weight: float = 1.0):
+    """Next-token cross-entropy (mean over supervised tokens, `<loc>` targets weighted by `loc_weight`).
 
     logits: float [B, L, V]; labels: int [B, L] with -100 where unsupervised
     (the processor's labels, not yet shifted). With `loc_sigma` > 0, a `<loc>`
     target bin t is replaced by a Gaussian over the loc bins centred on t
     (standard deviation `loc_sigma` bins): a near miss costs less than a far one.
+    With `loc_weight` != 1 the mean is weighted: a `<loc>` target counts `loc_weight`
+    times as much as any other token (four box tokens per structure are otherwise
+    outweighed by its sixteen seg tokens and its name).
     """
     import torch
     import torch.nn.functional as F
@@ -96,6 +101,10 @@ def token_loss(logits, labels, loc_start: int = -1, loc_sigma: float = 0.0, n_bi
             soft = -(q * logp[is_loc][:, loc_start:loc_start + n_bins]).sum(1)
             nll = nll.clone()
             nll[is_loc] = soft
+    if loc_weight != 1.0 and loc_start >= 0:
+        is_loc = (tgt >= loc_start) & (tgt < loc_start + n_bins)
+        w = torch.where(is_loc, torch.full_like(nll, float(loc_weight)), torch.ones_like(nll))
+        return (w * nll).sum() / w.sum()
     return nll.mean()
 
 
@@ -213,7 +222,8 @@ def train(
         with accelerator.autocast():
             # NOTE: the loss is computed here, not by the model, so that loc targets
             # can be smoothed; with loc_sigma=0 it equals the model's own loss.
-            loss = token_loss(model(**batch).logits, labels, loc_start, config.loc_sigma)
+            loss = token_loss(model(**batch).logits, labels, loc_start, config.loc_sigma,
+                              loc_weight=config.loc_weight)
         accelerator.backward(loss)
         if config.grad_clip:
             accelerator.clip_grad_norm_(model.parameters(), config.grad_clip)
