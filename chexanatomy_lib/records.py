@@ -89,7 +89,8 @@ def _normalise_benchmark(rec: dict[str, Any], path: Path) -> dict[str, Any]:
         "metrics": rec.get("metrics", {}),
         "device": rec.get("device") or device or None,
         "command": rec.get("command"),
-        "revision": rec.get("revision") or git.get("revision"),
+        "revision": (rec["revision"].get("revision") if isinstance(rec.get("revision"), dict) else rec.get("revision"))
+        or git.get("revision"),
         "date": rec.get("date"),
     }
     return {**rec, **out}

@@ -301,10 +301,26 @@ def read_provenance(directory: Path) -> dict[str, Any] | None:
         return None
 
 
+class _UnknownParameterFilter:
+    """Drops papermill's "Passed unknown parameter" warnings (see `_kernel_environment`)."""
+
+    def filter(self, record) -> bool:
+        return not str(record.getMessage()).startswith("Passed unknown parameter")
+
+
 @contextlib.contextmanager
 def _kernel_environment() -> Iterator[None]:
     # NOTE: MPLBACKEND=Agg in the kernel's environment silently drops figures from
     # executed notebooks; the kernel must use matplotlib's inline backend.
+    import logging
+
+    # papermill re-parses the parameters cell for its own warnings and cannot read
+    # annotated or commented assignments; the runner has already checked every
+    # parameter (read_parameters, validate_parameters), so its warnings are noise.
+    logging.getLogger("papermill.translators").setLevel(logging.ERROR)
+    pm_logger = logging.getLogger("papermill")
+    if not any(isinstance(f, _UnknownParameterFilter) for f in pm_logger.filters):
+        pm_logger.addFilter(_UnknownParameterFilter())
     saved = {k: os.environ.get(k) for k in ("MPLBACKEND", "PYTHONWARNINGS", "TQDM_MININTERVAL")}
     os.environ.pop("MPLBACKEND", None)
     # Without ipywidgets, tqdm.auto falls back to a text bar inside a kernel and

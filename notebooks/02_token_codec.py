@@ -62,7 +62,7 @@ balance_groups = False  # draw training crops with equal probability per structu
 restart_every = 25  # steps between restarts of unused codes (0: never)
 official_vae_path = None  # path to big_vision's vae-oid.npz (None: the official route is not shown)
 eval_sizes = [224, 448, 896]  # image sizes of the resolution table (PaliGemma's input sizes)
-n_render_images = 6  # held-out test images re-rendered from the CT at every eval size (seeded; 0: resample stored masks)
+n_render_images = 4  # held-out test images re-rendered from the CT at every eval size (seeded; 0: resample stored masks)
 policy_size = 448  # image size at which the crop policies are compared
 pad_px = 10  # box padding of the reference implementation's crop policy (pixels)
 max_table_masks = 300  # with n_render_images = 0 only: stored test masks (seeded sample) resampled (None: all)

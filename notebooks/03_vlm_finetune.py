@@ -75,12 +75,12 @@ augment_copies = 3  # augmented copies precomputed per training image (their tok
 max_rotation_deg = 8.0  # augmentation: rotation drawn in +-this (degrees)
 max_scale = 0.08  # augmentation: zoom drawn in [1 - this, 1 + this]
 max_shift = 0.04  # augmentation: shift drawn in +-this fraction of the side
-steps = 300  # optimizer steps
+steps = 900  # optimizer steps
 batch_size = 8  # samples per optimizer step
 lr = 0.003  # peak AdamW learning rate (5e-5 is the paper's LoRA value)
 loc_sigma = 24.0  # loc targets spread as a Gaussian of this many bins (0 = plain cross-entropy)
 loc_weight = 4.0  # weight of each <loc> target token in the loss relative to the other answer tokens
-warmup_steps = 20  # linear warm-up steps
+warmup_steps = 40  # linear warm-up steps
 mixed_precision = "no"  # "no", "bf16" or "fp16" (GPU)
 gradient_checkpointing = False  # recompute activations in the backward pass (saves GPU memory)
 save_every = 100  # optimizer steps between saved training states

@@ -12,10 +12,10 @@ from chexanatomy_lib.ct.dataset import ProjectedDataset
 
 # Targets of the codec issue at 448 px (untruncated held-out masks): lungs and heart
 # 0.97, single ribs and clavicles 0.90. The smoke profile does NOT reach lungs, heart
-# or ribs; the floors below sit just under what it measured (2026-11-22, 6 re-rendered
-# test images, 408 masks per size), with
-#   .venv/bin/chexanatomy run notebooks/02_token_codec.py --profile smoke --run-dir /tmp/codec_dev/smoke
-# lungs 0.963 (target 0.97), heart 0.940 (target 0.97), ribs 0.782 (target 0.90);
+# or ribs; the floors below sit just under what it measured (2026-11-22, 4 re-rendered
+# test images, 188 masks per size, idle 2-core machine), with
+#   .venv/bin/chexanatomy book --profile smoke
+# lungs 0.964 (target 0.97), heart 0.928 (target 0.97), ribs 0.794 (target 0.90);
 # clavicles: none untruncated in the sample (no score).
 TARGETS = {"lungs": 0.97, "heart": 0.97, "ribs": 0.90, "clavicles": 0.90}
 SMOKE_FLOORS = {"lungs": 0.95, "heart": 0.92, "ribs": 0.76}

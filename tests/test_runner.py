@@ -211,7 +211,9 @@ def test_every_stage_notebook_has_valid_parameters_under_every_profile():
 
 
 def test_sweep_files_are_valid():
-    for f in sorted((runner.PROJECT_ROOT / "notebooks" / "sweeps").glob("*.yaml")):
+    files = sorted((runner.PROJECT_ROOT / "notebooks" / "sweeps").glob("*.yaml"))
+    assert files, "no sweep files"
+    for f in files:
         sw = load_sweep(f)
         assert sw.cells and sw.seeds and sw.metrics, f
 
