@@ -77,17 +77,18 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
 
 def _normalise_benchmark(rec: dict[str, Any], path: Path) -> dict[str, Any]:
     """Benchmarks write their own tables; give them the common record fields."""
-    machine = rec.get("machine") or {}
-    if isinstance(machine, dict):
-        device = machine.get("cuda_device") or " x ".join(str(machine[k]) for k in ("cpu_count", "cpu") if k in machine)
-    else:
-        device = str(machine)
+    def describe(m: Any) -> str | None:
+        if isinstance(m, dict):
+            return m.get("cuda_device") or " x ".join(str(m[k]) for k in ("cpu_count", "cpu") if k in m) or None
+        return str(m) if m else None
+
+    device = describe(rec.get("device")) or describe(rec.get("machine"))
     git = rec.get("git") or {}
     out = {
         "name": rec.get("name") or rec.get("benchmark") or path.stem,
         "kind": rec.get("kind", "benchmark"),
         "metrics": rec.get("metrics", {}),
-        "device": rec.get("device") or device or None,
+        "device": device,
         "command": rec.get("command"),
         "revision": (rec["revision"].get("revision") if isinstance(rec.get("revision"), dict) else rec.get("revision"))
         or git.get("revision"),

@@ -236,3 +236,17 @@ def test_manifest_command_scans_case_folders(tmp_path, capsys):
     assert [s.case_id for s in specs] == ["p1", "p2"] and all(s.labels is not None for s in specs)
     specs[0].verify()  # the recorded checksums match the files
     assert cli_main(["manifest", str(tmp_path / "cohort" / "notes"), "--out", str(tmp_path / "x.yaml")]) == 2
+
+
+def test_benchmark_records_are_normalised_and_checked(tmp_path):
+    bench = tmp_path / "records" / "benchmarks"
+    bench.mkdir(parents=True)
+    (bench / "b.json").write_text(json.dumps({
+        "benchmark": "b", "date": "2026-01-01", "command": "python benchmarks/bench_b.py",
+        "device": {"cpu": "X", "cpu_count": 2}, "git": {"revision": "abc", "dirty": False}, "ours": {"s": 1},
+    }))
+    (rec,) = load_records(tmp_path / "records")
+    assert (rec["name"], rec["kind"], rec["device"], rec["revision"]) == ("b", "benchmark", "2 x X", "abc")
+    (bench / "c.json").write_text(json.dumps({"benchmark": "c", "date": "2026-01-01", "machine": {"cpu": "X"}}))
+    with pytest.raises(RecordError, match=r"c\.json: record lacks \['command', 'revision'\]"):
+        load_records(tmp_path / "records")
