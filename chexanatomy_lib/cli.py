@@ -6,6 +6,8 @@
     chexanatomy params NOTEBOOK [--profile P]
     chexanatomy record STAGE_DIR --name NAME [--figure F ...] [--note TEXT]
     chexanatomy manifest ROOT --out data_manifests/NAME.yaml
+    chexanatomy synthesize --out DIR [--profile P] [-p key=value ...] [--shard i/n] [--device D]
+    chexanatomy merge-shards DIR_0 DIR_1 ... --out DIR
     chexanatomy segment IMAGE --checkpoint DIR --structures "left lung;heart" [--out DIR]
 
 Errors the user can fix (a wrong parameter, a missing file, a failed cell) are
@@ -63,6 +65,19 @@ def _parser() -> argparse.ArgumentParser:
     m.add_argument("--labels-name", default="segmentations")
     m.add_argument("--licence", default="state the terms your data is used under")
     m.add_argument("--checksums", action="store_true", help="record SHA-256 of every file")
+
+    y = sub.add_parser("synthesize", help="render chapter 1's projected dataset, or one shard of it, outside the book")
+    y.add_argument("--out", required=True, help="dataset folder to write")
+    y.add_argument("--profile", default="smoke", help="profile whose chapter-1 parameters to use (default: smoke)")
+    y.add_argument("-p", "--param", action="append", metavar="KEY=VALUE", help="override a chapter-1 parameter")
+    y.add_argument("--shard", metavar="i/n", help="render only deformed copies k with k %% n == i (0 <= i < n)")
+    y.add_argument("--device", help="cpu, cuda or auto (default: the chapter's parameter)")
+    y.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+
+    j = sub.add_parser("merge-shards", help="merge datasets written by synthesize --shard i/n into one")
+    j.add_argument("shards", nargs="+", help="shard dataset folders")
+    j.add_argument("--out", required=True, help="merged dataset folder to write")
+    j.add_argument("--overwrite", action="store_true")
 
     g = sub.add_parser("segment", help="segment structures on any chest radiograph with a trained checkpoint")
     g.add_argument("image", help="PNG, JPEG or DICOM file")
@@ -133,11 +148,48 @@ def _dispatch(args: argparse.Namespace) -> int:
         cases = scan_case_folders(root, args.ct_name, args.labels_name, checksums=args.checksums)
         out = write_manifest(args.out, cases, args.name or root.name, str(root), licence=args.licence)
         print(f"{out}: {len(cases)} cases ({sum('labels' in c for c in cases)} with labels)")
+    elif args.command == "synthesize":
+        from .ct.manifest import load_manifest
+        from .ct.synthesis import synthesis_arguments, synthesize_dataset
+        from .pipeline import PROJECT_ROOT, STAGES
+        from .runner import load_profile, parse_assignments, stage_parameters
+
+        overrides = parse_assignments(args.param)
+        if args.device:
+            overrides["device"] = args.device
+        params = stage_parameters(STAGES["01_ct_projection"], load_profile(args.profile), overrides)
+        manifest = Path(params["manifest"])
+        if not manifest.is_absolute() and not manifest.exists():
+            manifest = PROJECT_ROOT / manifest  # as the chapter reads it
+        shard = parse_shard(args.shard) if args.shard else None
+        out = synthesize_dataset(load_manifest(manifest), args.out, shard=shard, overwrite=args.overwrite,
+                                 **synthesis_arguments(params))
+        print(f"dataset: {out}" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""))
+    elif args.command == "merge-shards":
+        from .ct.dataset import ProjectedDataset, merge_shards
+
+        out = merge_shards(args.shards, args.out, overwrite=args.overwrite)
+        print(f"dataset: {out} ({len(ProjectedDataset(out))} images from {len(args.shards)} shards)")
     elif args.command == "segment":
         from .segment import main_segment
 
         main_segment(args.image, args.checkpoint, args.structures, args.out, device=args.device)
     return 0
+
+
+def parse_shard(text: str) -> tuple[int, int]:
+    """``"i/n"`` -> ``(i, n)`` with ``0 <= i < n``; anything else is a :class:`ShardError` saying so."""
+    try:
+        i, n = (int(x) for x in text.split("/"))
+    except ValueError:
+        raise ShardError(f"--shard must be i/n with integers, e.g. 0/4; got {text!r}") from None
+    if not 0 <= i < n:
+        raise ShardError(f"--shard i/n needs 0 <= i < n; got {text!r}")
+    return i, n
+
+
+class ShardError(ValueError):
+    """A malformed ``--shard`` value."""
 
 
 if __name__ == "__main__":  # pragma: no cover

@@ -52,20 +52,20 @@ _CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_b
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("01_ct_projection", "CT projection", (), ("ct", "evaluation"), 180),
+        Stage("01_ct_projection", "CT projection", (), ("ct", "evaluation", "devices.py"), 180),
         Stage("02_token_codec", "Token codec", ("01_ct_projection",), ("ct", "codec", "evaluation"), 120),
         Stage(
             "03_vlm_finetune",
             "VLM fine-tuning",
             ("01_ct_projection", "02_token_codec"),
-            ("ct", "codec", "evaluation", "vlm", "augment.py"),
+            ("ct", "codec", "evaluation", "vlm", "augment.py", "devices.py"),
             240,
         ),
         Stage(
             "04_unet_baseline",
             "U-Net baseline",
             ("01_ct_projection", "02_token_codec", "03_vlm_finetune"),
-            ("ct", "codec", "evaluation", "unet", "augment.py"),
+            ("ct", "codec", "evaluation", "unet", "augment.py", "devices.py"),
             120,
         ),
         # The introduction reports every chapter's measured time, so it runs last.

@@ -86,6 +86,8 @@ working_spacing_mm = 2.0  # isotropic voxel size the CT is resampled to for proj
 step_mm = 1.0  # ray-marching step (mm)
 split_fractions = [0.7, 0.15, 0.15]  # train / val / test fractions of the split unit
 n_boot = 1000  # bootstrap resamples for confidence intervals
+device = "auto"  # where copies are resampled and rays traced: "auto" (CUDA if available), "cpu" or "cuda"
+dataset_from: str | None = None  # a dataset rendered with these parameters elsewhere (chexanatomy synthesize --shard i/n, then merge-shards): checked and used instead of rendering here
 
 # %%
 import json
@@ -95,12 +97,10 @@ import matplotlib.pyplot as plt
 import numpy as np
 import pandas as pd
 
-from chexanatomy_lib.ct.cohort import PoseRanges
 from chexanatomy_lib.ct.dataset import ProjectedDataset
-from chexanatomy_lib.ct.detector import DetectorModel
 from chexanatomy_lib.ct.manifest import load_manifest, manifest_info
 from chexanatomy_lib.ct.registry import load_registry
-from chexanatomy_lib.ct.synthesis import RenderSettings, synthesize_dataset
+from chexanatomy_lib.ct.synthesis import synthesis_arguments, synthesize_dataset, use_rendered_dataset
 from chexanatomy_lib.evaluation.baselines import mean_mask_predictions
 from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, plot_summary
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
@@ -139,13 +139,14 @@ pd.DataFrame([{"case_id": c.case_id, "ct": c.ct.name, "labels": c.labels.name if
 # in it: few lungs touch the image border and are flagged truncated.
 
 # %%
-settings = RenderSettings(
-    image_size=image_size, field_mm=field_mm, sid_mm=sid_mm, working_spacing_mm=working_spacing_mm,
-    step_mm=step_mm, mask_threshold_mm=mask_threshold_mm,
-    detector=DetectorModel(photons_per_pixel=photons_per_pixel, gamma=gamma),
-)
-pose_ranges = PoseRanges(translation_mm=tuple(translation_mm), rotation_deg=tuple(rotation_deg),
-                         sod_mm=tuple(sod_range_mm))
+synthesis = synthesis_arguments(dict(
+    image_size=image_size, views=views, field_mm=field_mm, sid_mm=sid_mm, sod_range_mm=sod_range_mm,
+    translation_mm=translation_mm, rotation_deg=rotation_deg, n_copies=n_copies, poses_per_copy=poses_per_copy,
+    deform_amplitude_mm=deform_amplitude_mm, scale_range=scale_range, control_points=control_points,
+    photons_per_pixel=photons_per_pixel, gamma=gamma, mask_threshold_mm=mask_threshold_mm,
+    working_spacing_mm=working_spacing_mm, step_mm=step_mm, split_fractions=split_fractions, seed=seed,
+    device=device))
+settings = synthesis["settings"]
 pd.Series({
     "detector pixels": f"{image_size} x {image_size}",
     "detector pixel pitch (mm)": round(settings.pixel_spacing_mm, 3),
@@ -163,17 +164,21 @@ pd.Series({
 # ## Rendering the dataset
 #
 # Each deformed copy is resampled once onto the working grid and then projected in
-# every pose and view; the progress bar counts images.
+# every pose and view (on a GPU, a copy's images are traced together); the progress
+# bar counts images. A large cohort can be rendered in shards on several machines
+# with the same parameters (`chexanatomy synthesize --profile paper --shard i/n
+# --out DIR_i`), merged (`chexanatomy merge-shards DIR_0 ... --out DIR`) and given
+# to this chapter as `dataset_from`, which checks that it was rendered with this
+# chapter's parameters.
 
 # %%
 dataset_dir = out / "dataset"
 t0 = time.perf_counter()
-synthesize_dataset(
-    cases, dataset_dir, image_size=image_size, views=views, n_copies=n_copies,
-    poses_per_copy=poses_per_copy, seed=seed, settings=settings, amplitude_mm=deform_amplitude_mm,
-    scale_range=scale_range, control_points=control_points, pose_ranges=pose_ranges,
-    split_fractions=split_fractions, overwrite=True,
-)
+if dataset_from:
+    use_rendered_dataset(dataset_from, dataset_dir, synthesis)
+    print(f"using the dataset rendered in {dataset_from}")
+else:
+    synthesize_dataset(cases, dataset_dir, overwrite=True, **synthesis)
 synthesis_s = time.perf_counter() - t0
 ds = ProjectedDataset(dataset_dir)
 print(f"{len(ds)} images, {len(ds.structures)} structures, {synthesis_s:.0f} s "
@@ -302,7 +307,7 @@ scored = summary[summary["n"] > 0]
 write_metrics(run_dir, "01_ct_projection", {
     "n_images": len(ds),
     "n_structures": len(ds.structures),
-    "synthesis_images_per_s": len(ds) / synthesis_s,
+    "synthesis_images_per_s": None if dataset_from else len(ds) / synthesis_s,
     **{f"baseline_dice_{s}": scored.at[s, "dice"] for s in ("lungs", "lung_left", "lung_right", "heart")
        if s in scored.index},
 })

@@ -106,7 +106,8 @@ class WorkingVolume:
     """A CT (or a deformed copy) ready for projection.
 
     ``mu``: ``float32 [X, Y, Z]`` linear attenuation (1/mm) on an isotropic grid;
-    ``labels``: ``uint8``/``int32 [X, Y, Z]`` compact label indices; ``label_ids``:
+    ``labels``: ``uint8``/``int32 [X, Y, Z]`` compact label indices (NumPy arrays,
+    or tensors on a GPU when made there); ``label_ids``:
     ``int64 [L]`` the original id of each compact index (``label_ids[0] == 0``);
     ``affine``: ``float64 [4, 4]`` voxel -> world (mm, the source CT's RAS+
     frame); ``isocentre``: ``float64 [3]`` world point at the room's origin;
@@ -115,8 +116,8 @@ class WorkingVolume:
     [6, 3]`` outward unit normals of those faces (world).
     """
 
-    mu: np.ndarray
-    labels: np.ndarray
+    mu: "np.ndarray | torch.Tensor"
+    labels: "np.ndarray | torch.Tensor"
     label_ids: np.ndarray
     affine: np.ndarray
     isocentre: np.ndarray
@@ -207,7 +208,7 @@ class SourceCT:
 
 
 def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopySpec | None = None,
-                        margin_mm: float = 0.0) -> WorkingVolume:
+                        margin_mm: float = 0.0, device=None) -> WorkingVolume:
     """Resample a prepared CT (optionally deformed by ``copy``) onto an isotropic grid.
 
     The output grid is axis-aligned in world, ``spacing_mm`` per voxel, centred
@@ -217,6 +218,11 @@ def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopyS
     ``p = c + (q - c) / scale + u(q)`` from output point ``q`` to source point
     ``p`` (``u`` the displacement, trilinear between the control points).
     Output voxels that map outside the source volume are air with no label.
+
+    ``device``: where to resample (None: the CPU, in slabs of about a million
+    voxels, returning NumPy arrays). On a GPU the whole grid is resampled at
+    once and ``mu`` and ``labels`` stay there as tensors, ready for a
+    :class:`~chexanatomy_lib.ct.projector.RayMarcher` on that device.
     """
     import torch
     import torch.nn.functional as F
@@ -249,17 +255,19 @@ def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopyS
         rng = np.random.default_rng(copy.seed)
         p = p + rng.normal(0.0, copy.amplitude_mm, size=(g, g, g, 3))
     v_ctrl = p @ inv[:3, :3].T + inv[:3, 3]
-    v_ctrl = torch.from_numpy(v_ctrl.astype(np.float32)).permute(3, 0, 1, 2)[None]
+    dev = torch.device(device) if device is not None else torch.device("cpu")
+    v_ctrl = torch.from_numpy(v_ctrl.astype(np.float32)).permute(3, 0, 1, 2)[None].to(dev)
     v_all = F.interpolate(v_ctrl, size=shape, mode="trilinear", align_corners=True)[0]  # [3, X, Y, Z]
 
-    mu_in = torch.from_numpy(source.mu)
-    lab_in = torch.from_numpy(np.ascontiguousarray(source.compact)).reshape(-1)
-    mu_out = torch.empty(shape, dtype=torch.float32)
-    lab_out = torch.empty(shape, dtype=lab_in.dtype)
-    slab = max(1, 1_000_000 // (shape[0] * shape[1]))  # bounded memory: ~1M points per pass
-    dims_in = torch.tensor(shape_in, dtype=torch.float32)
-    shape_t = torch.from_numpy(shape_in)
-    zero = torch.zeros((), dtype=lab_in.dtype)
+    mu_in = torch.from_numpy(source.mu).to(dev)
+    lab_in = torch.from_numpy(np.ascontiguousarray(source.compact)).reshape(-1).to(dev)
+    mu_out = torch.empty(shape, dtype=torch.float32, device=dev)
+    lab_out = torch.empty(shape, dtype=lab_in.dtype, device=dev)
+    # bounded memory on the CPU (~1M points per pass); one pass on a GPU
+    slab = max(1, 1_000_000 // (shape[0] * shape[1])) if dev.type == "cpu" else shape[2]
+    dims_in = torch.tensor(shape_in, dtype=torch.float32, device=dev)
+    shape_t = torch.from_numpy(shape_in).to(dev)
+    zero = torch.zeros((), dtype=lab_in.dtype, device=dev)
     for z0 in range(0, shape[2], slab):
         z1 = min(shape[2], z0 + slab)
         v = v_all[:, :, :, z0:z1].permute(1, 2, 3, 0)
@@ -270,11 +278,13 @@ def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopyS
         # exact voxel-crossing renderer sees it); beyond the box it is air.
         mu = F.grid_sample(mu_in[None, None], grid[None], mode="bilinear",
                            padding_mode="border", align_corners=True)[0, 0]
-        mu_out[:, :, z0:z1] = torch.where(inside, mu, torch.zeros(()))
+        mu_out[:, :, z0:z1] = torch.where(inside, mu, torch.zeros((), device=dev))
         idx = torch.minimum(idx.clamp(min=0), shape_t - 1)
         flat = (idx[..., 0] * int(shape_in[1]) + idx[..., 1]) * int(shape_in[2]) + idx[..., 2]
         lab_out[:, :, z0:z1] = torch.where(inside, lab_in[flat], zero)
 
-    return WorkingVolume(mu=mu_out.numpy(), labels=lab_out.numpy(), label_ids=source.label_ids,
+    if dev.type == "cpu":
+        mu_out, lab_out = mu_out.numpy(), lab_out.numpy()
+    return WorkingVolume(mu=mu_out, labels=lab_out, label_ids=source.label_ids,
                          affine=out_affine, isocentre=centre.copy(), face_labels=source.face_labels,
                          face_normals=source.face_normals, copy=copy)

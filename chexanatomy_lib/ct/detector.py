@@ -20,6 +20,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass
 
 import numpy as np
+import torch
 
 #: linear attenuation of water at about 70 keV effective energy (1/mm)
 MU_WATER_PER_MM = 0.019
@@ -54,31 +55,71 @@ class DetectorModel:
     def as_dict(self) -> dict:
         return asdict(self)
 
-    def attenuation(self, line_integral: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Measured attenuation ``p = -log(counts / I0)`` (``float32``, same shape).
+    def attenuation(self, line_integral, noise_seed=None):
+        """Measured attenuation ``p = -log(counts / I0)``, ``float32``, same shape.
 
-        Noiseless (``photons_per_pixel=None`` or ``rng=None``) it is the line
-        integral itself. Zero counts are read as half a photon, so ``p`` stays finite.
+        ``line_integral``: ``[..., H, W]`` NumPy array or torch tensor (any
+        device; the result is of the same kind and on the same device).
+        ``noise_seed``: one int per image (a sequence over the leading dims,
+        flattened; None for a noiseless image), an int (image ``k`` of a batch
+        uses ``seed + k``), or a ``numpy.random.Generator`` that draws them. Noiseless
+        (``photons_per_pixel=None`` or no seed) it is the line integral itself.
+        Zero counts are read as half a photon, so ``p`` stays finite.
+
+        NOTE: the noise is drawn by torch from a generator on the input's device,
+        so one seed gives the same image every time on one device, and different
+        noise realisations (of the same distribution) on a CPU and a GPU.
         """
-        p = np.asarray(line_integral, dtype=np.float64)
-        if self.photons_per_pixel is None or rng is None:
-            return p.astype(np.float32)
-        i0 = float(self.photons_per_pixel)
-        counts = rng.poisson(i0 * np.exp(-p)).astype(np.float64)
-        return (-np.log(np.maximum(counts, 0.5) / i0)).astype(np.float32)
+        p, to_numpy = _as_tensor(line_integral)
+        if self.photons_per_pixel is not None and noise_seed is not None:
+            i0 = float(self.photons_per_pixel)
+            flat = p.reshape(-1, *p.shape[-2:]) if p.ndim >= 2 else p.reshape(1, -1)
+            seeds = _seeds(noise_seed, len(flat))
+            out = flat.clone()
+            for b, seed in enumerate(seeds):
+                if seed is None:
+                    continue
+                g = torch.Generator(device=p.device).manual_seed(int(seed))
+                counts = torch.poisson(i0 * torch.exp(-flat[b].double()), generator=g)
+                out[b] = (-torch.log(counts.clamp(min=0.5) / i0)).float()
+            p = out.reshape(p.shape)
+        return p.cpu().numpy() if to_numpy else p
 
-    def display(self, p: np.ndarray) -> np.ndarray:
-        """Contrast curve: ``float32`` in [0, 1], white = dense."""
-        p = np.asarray(p, dtype=np.float32)
+    def display(self, p):
+        """Contrast curve: ``float32`` in [0, 1], white = dense; ``[..., H, W]`` array or
+        tensor, each image windowed on its own."""
+        p, to_numpy = _as_tensor(p)
+        flat = p.reshape(-1, p.shape[-2] * p.shape[-1]) if p.ndim >= 2 else p.reshape(1, -1)
         if self.window is not None:
-            lo, hi = self.window
+            lo = torch.full((len(flat), 1), float(self.window[0]), device=p.device)
+            hi = torch.full((len(flat), 1), float(self.window[1]), device=p.device)
         else:
-            lo, hi = np.percentile(p, [self.window_low_pct, self.window_high_pct])
-        if not hi > lo:  # a flat image (nothing in the beam)
-            return np.zeros_like(p, dtype=np.float32)
-        y = np.clip((p - lo) / (hi - lo), 0.0, 1.0) ** self.gamma
-        return y.astype(np.float32)
+            q = torch.tensor([self.window_low_pct / 100, self.window_high_pct / 100], device=p.device)
+            lo, hi = torch.quantile(flat, q, dim=1, keepdim=True)  # NumPy's "linear" percentiles
+        flat_ok = hi > lo  # a flat image (nothing in the beam) is black
+        y = ((flat - lo) / torch.where(flat_ok, hi - lo, torch.ones_like(hi))).clamp_(0.0, 1.0) ** self.gamma
+        y = torch.where(flat_ok, y, torch.zeros_like(y)).reshape(p.shape).float()
+        return y.cpu().numpy() if to_numpy else y
 
-    def __call__(self, line_integral: np.ndarray, rng: np.random.Generator | None = None) -> np.ndarray:
-        """Radiograph ``float32`` in [0, 1] (shape of ``line_integral``, e.g. ``[H, W]``)."""
-        return self.display(self.attenuation(line_integral, rng))
+    def __call__(self, line_integral, noise_seed=None):
+        """Radiograph ``float32`` in [0, 1] (shape, kind and device of ``line_integral``,
+        e.g. ``[H, W]`` or ``[B, H, W]``); ``noise_seed`` as in :meth:`attenuation`."""
+        return self.display(self.attenuation(line_integral, noise_seed))
+
+
+def _as_tensor(x) -> tuple[torch.Tensor, bool]:
+    """``(float32 tensor, was_numpy)``."""
+    if isinstance(x, torch.Tensor):
+        return x.float(), False
+    return torch.from_numpy(np.asarray(x, dtype=np.float32)), True
+
+
+def _seeds(noise_seed, n: int) -> list:
+    if isinstance(noise_seed, np.random.Generator):
+        return [int(s) for s in noise_seed.integers(2**63 - 1, size=n)]
+    if isinstance(noise_seed, (int, np.integer)):
+        return [int(noise_seed) + k for k in range(n)] if n > 1 else [int(noise_seed)]
+    seeds = list(noise_seed)
+    if len(seeds) != n:
+        raise ValueError(f"{len(seeds)} noise seeds for {n} images")
+    return seeds

@@ -119,21 +119,34 @@ def magnification(detector: Detector, pose: PatientPose) -> float:
     return detector.sid / pose.sod
 
 
-def room_rays(view: str, detector: Detector, pose: PatientPose) -> tuple[np.ndarray, np.ndarray]:
-    """Source and detector-pixel centres in the room frame.
-
-    Returns ``source`` ``float64 [3]`` and ``pixels`` ``float64 [H*W, 3]`` in
-    row-major pixel order (row 0 = top of the displayed image).
-    """
+def _grid(view: str, detector: Detector, pose: PatientPose) -> tuple[np.ndarray, ...]:
+    """Room-frame ``(source, corner, d_row, d_col)``, ``float64 [3]`` each: pixel ``(r, c)``'s
+    centre is ``corner + (r + 0.5) * d_row + (c + 0.5) * d_col``."""
     if not 0 < pose.sod < detector.sid:
         raise ValueError(f"sod must lie between 0 and sid={detector.sid} mm, got {pose.sod}")
     beam, col, row = view_axes(view)
     source = -pose.sod * beam
     centre = source + detector.sid * beam
-    c = (np.arange(detector.width) + 0.5 - detector.width / 2) * detector.pixel_spacing
-    r = (np.arange(detector.height) + 0.5 - detector.height / 2) * detector.pixel_spacing
-    pixels = centre[None, None, :] + r[:, None, None] * row + c[None, :, None] * col
-    return source, pixels.reshape(-1, 3)
+    d_row, d_col = detector.pixel_spacing * row, detector.pixel_spacing * col
+    corner = centre - detector.height / 2 * d_row - detector.width / 2 * d_col
+    return source, corner, d_row, d_col
+
+
+def patient_ray_grid(view: str, detector: Detector, pose: PatientPose,
+                     isocentre: np.ndarray | tuple[float, float, float]) -> tuple[np.ndarray, ...]:
+    """The rays of :func:`patient_rays` as four vectors, so that a batch of images can be
+    expanded into rays where they are traced (on a GPU, say).
+
+    Returns ``(source, corner, d_row, d_col)``, ``float64 [3]`` each, in the CT's
+    world frame (mm): pixel ``(r, c)``'s centre is ``corner + (r + 0.5) * d_row +
+    (c + 0.5) * d_col``.
+    """
+    source, corner, d_row, d_col = _grid(view, detector, pose)
+    rot = pose.rotation()
+    t = np.array([pose.tx, pose.ty, pose.tz], dtype=np.float64)
+    iso = np.asarray(isocentre, dtype=np.float64).reshape(3)
+    # row vectors: (q - t) @ R == R.T @ (q - t); directions rotate without the shift
+    return (source - t) @ rot + iso, (corner - t) @ rot + iso, d_row @ rot, d_col @ rot
 
 
 def patient_rays(view: str, detector: Detector, pose: PatientPose,
@@ -145,12 +158,11 @@ def patient_rays(view: str, detector: Detector, pose: PatientPose,
     carried back into the patient: ``p = R.T @ (q - t) + isocentre``.
     Returns ``source`` ``float64 [3]`` and ``pixels`` ``float64 [H*W, 3]``.
     """
-    source, pixels = room_rays(view, detector, pose)
-    rot = pose.rotation()
-    t = np.array([pose.tx, pose.ty, pose.tz], dtype=np.float64)
-    iso = np.asarray(isocentre, dtype=np.float64).reshape(3)
-    to_patient = lambda q: (q - t) @ rot + iso  # noqa: E731  (row vectors: (q - t) @ R == R.T @ (q - t))
-    return to_patient(source), to_patient(pixels)
+    source, corner, d_row, d_col = patient_ray_grid(view, detector, pose, isocentre)
+    r = np.arange(detector.height) + 0.5
+    c = np.arange(detector.width) + 0.5
+    pixels = corner[None, None, :] + r[:, None, None] * d_row + c[None, :, None] * d_col
+    return source, pixels.reshape(-1, 3)
 
 
 def project_points(points: np.ndarray, view: str, detector: Detector, pose: PatientPose,

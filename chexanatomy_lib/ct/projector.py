@@ -65,6 +65,15 @@ class RayMarcher:
     :func:`compact_labels`. Both volumes are read piecewise constant (nearest
     voxel), as in Siddon's method, so a ray's path length in a label is the
     number of its samples falling in that label's voxels times the step.
+
+    ``device``: where the volume lives and rays are traced (``"cpu"``,
+    ``"cuda"``; None: the device of ``mu`` if it is a tensor, else the CPU).
+    ``layout``: on the CPU (``"rays"``) rays are traced in small chunks of
+    ``chunk_rays`` (default 1024) that stay in cache, each ray's samples
+    contiguous; on a GPU (``"steps"``) in large chunks (default 2**17 rays),
+    rays of several images together, sorted by their length inside the volume
+    so that a chunk marches no further than its longest ray needs, neighbouring
+    threads on neighbouring rays. Both give the same result on any device.
     """
 
     def __init__(
@@ -74,10 +83,20 @@ class RayMarcher:
         affine: np.ndarray,  # float [4, 4] voxel index -> world (mm)
         n_labels: int,  # number of compact labels, background included
         step_mm: float = 1.0,  # ray-marching step (mm)
-        chunk_rays: int = 1024,  # rays per chunk; small chunks keep the work in cache
+        chunk_rays: int | None = None,  # rays per chunk (None: 1024 on the CPU, 2**17 on a GPU)
+        device: str | torch.device | None = None,  # where to trace (None: mu's device, else the CPU)
+        layout: str | None = None,  # "rays" (CPU default) or "steps" (GPU default), see _march
+        compile: bool = False,  # fuse the per-sample arithmetic with torch.compile (GPU; needs Triton)
     ):
-        mu = torch.as_tensor(mu, dtype=torch.float32)
-        labels = torch.as_tensor(labels)
+        if device is None:
+            device = mu.device if isinstance(mu, torch.Tensor) else "cpu"
+        self.device = torch.device(device)
+        layout = layout or ("rays" if self.device.type == "cpu" else "steps")
+        if layout not in ("rays", "steps"):
+            raise ValueError(f"layout must be 'rays' or 'steps', got {layout!r}")
+        self.ray_major = layout == "rays"
+        mu = torch.as_tensor(mu, dtype=torch.float32).to(self.device)
+        labels = torch.as_tensor(labels).to(self.device)
         if mu.ndim != 3 or labels.shape != mu.shape:
             raise ValueError(f"mu {tuple(mu.shape)} and labels {tuple(labels.shape)} must be the same 3D grid")
         if not step_mm > 0:
@@ -104,97 +123,158 @@ class RayMarcher:
         self.affine = np.asarray(affine, dtype=np.float64)
         self.inv_affine = np.linalg.inv(self.affine)
         self.step_mm = float(step_mm)
-        self.chunk_rays = int(chunk_rays)
+        self.chunk_rays = int(chunk_rays) if chunk_rays else (1024 if self.ray_major else 2**17)
         if int(np.prod(self.padded)) >= 2**31:
             raise ValueError(f"volume {self.shape} too large for 32-bit voxel indices")
+        self._gather = torch.compile(self._gather_eager, dynamic=True) if compile else self._gather_eager
 
     def project(self, source: np.ndarray, pixels: np.ndarray,
                 image_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
         """Trace rays from ``source`` (``[3]``, world mm) to ``pixels`` (``[N, 3]``, world mm).
 
-        ``image_shape``: ``(H, W)`` when ``pixels`` is a row-major image; rays are
-        then traced in 32 x 32 pixel tiles (neighbouring rays read neighbouring
-        voxels, which keeps them in cache); the result is in ``pixels`` order.
+        ``image_shape``: ``(H, W)`` when ``pixels`` is a row-major image; on the
+        CPU rays are then traced in 32 x 32 pixel tiles (neighbouring rays read
+        neighbouring voxels, which keeps them in cache); the result is in
+        ``pixels`` order.
 
         Returns ``line_integral`` ``float32 [N]`` (sum of ``mu * ds``) and
         ``path_mm`` ``float32 [N, n_labels]`` (mm of each ray inside each label;
-        column 0 is unlabelled tissue and air inside the volume). Each ray is
-        sampled at ``t0 + (k + 1/2) * step`` from its entry ``t0`` into the volume;
-        lengths are exact to within one step at the exit.
+        column 0 is unlabelled tissue and air inside the volume), on the CPU.
+        Each ray is sampled at ``t0 + (k + 1/2) * step`` from its entry ``t0``
+        into the volume; lengths are exact to within one step at the exit.
         """
-        src_w = np.asarray(source, dtype=np.float64).reshape(3)
-        pix_w = np.asarray(pixels, dtype=np.float64).reshape(-1, 3)
-        order = None
-        if image_shape is not None:
-            h, w = (int(x) for x in image_shape)
-            if h * w != len(pix_w):
-                raise ValueError(f"image_shape {image_shape} does not match {len(pix_w)} pixels")
-            r, c = np.divmod(np.arange(h * w), w)
-            order = np.lexsort((c, r % 32, c // 32, r // 32))  # tile-major, row-major inside a tile
-            pix_w = pix_w[order]
-        src_v = self.inv_affine[:3, :3] @ src_w + self.inv_affine[:3, 3]
-        pix_v = pix_w @ self.inv_affine[:3, :3].T + self.inv_affine[:3, 3]
-        length_w = np.linalg.norm(pix_w - src_w, axis=1)  # [N] mm
-        dir_v = (pix_v - src_v) / length_w[:, None]  # voxel index per mm along each ray
-        t0, t1 = _clip_to_box(src_v, dir_v, np.asarray(self.shape, dtype=np.float64))
-        t1 = np.minimum(t1, length_w)
-        n = len(pix_w)
-        line = torch.empty(n, dtype=torch.float32)
-        counts = torch.empty(n, self.n_labels, dtype=torch.int64)
-        for a in range(0, n, self.chunk_rays):
-            b = min(n, a + self.chunk_rays)
-            line[a:b], counts[a:b] = self._chunk(src_v, dir_v[a:b], t0[a:b], t1[a:b])
-        line, path = line * self.step_mm, counts.to(torch.float32) * self.step_mm
-        if order is not None:
-            inverse = torch.from_numpy(np.argsort(order))
-            line, path = line[inverse], path[inverse]
-        return line, path
+        src_w = torch.as_tensor(np.asarray(source, dtype=np.float64).reshape(1, 3))
+        pix_w = torch.as_tensor(np.asarray(pixels, dtype=np.float64).reshape(1, -1, 3))
+        if image_shape is not None and int(np.prod(image_shape)) != pix_w.shape[1]:
+            raise ValueError(f"image_shape {image_shape} does not match {pix_w.shape[1]} pixels")
+        line, path = self._trace(src_w.to(self.device), pix_w.to(self.device), image_shape)
+        return line[0].cpu(), path[0].cpu()
 
-    def _chunk(self, src_v: np.ndarray, dir_v: np.ndarray, t0: np.ndarray,
-               t1: np.ndarray) -> tuple[torch.Tensor, torch.Tensor]:
-        m = len(dir_v)
-        span = np.clip(t1 - t0, 0.0, None)
-        n_steps = int(np.ceil(span.max() / self.step_mm)) if m and span.max() > 0 else 0
-        if n_steps == 0:
-            return torch.zeros(m), torch.zeros(m, self.n_labels, dtype=torch.int64)
-        # rays that miss the volume start far outside it and land in the padding
-        t_start = torch.from_numpy(np.where(span > 0, t0, -1e6)).float()
-        t = t_start[:, None] + (torch.arange(n_steps, dtype=torch.float32) + 0.5) * self.step_mm
-        d = torch.from_numpy(dir_v).float()
-        flat = None
-        for ax in range(3):
-            # +1.5 = +1 for the padding, +0.5 so floor() rounds to the nearest voxel centre
-            c = (t * d[:, ax:ax + 1]).add_(float(src_v[ax]) + 1.5).floor_()
-            c = c.clamp_(0, self.padded[ax] - 1).to(torch.int32)
-            flat = c if flat is None else flat.mul_(self.padded[ax]).add_(c)
-        if self.packed:
-            v = self.voxels[flat]
-            line = torch.bitwise_right_shift(v, 8).sum(dim=1).to(torch.float64) * self.mu_quantum
-            key = v.bitwise_and_(255)
-        else:
-            line = self.mu_flat[flat].sum(dim=1)
-            key = self.labels_flat[flat]
-        key += (torch.arange(m, dtype=torch.int32) * self.n_labels)[:, None]
-        counts = torch.bincount(key.view(-1), minlength=m * self.n_labels)
+    def project_images(self, sources: np.ndarray, corners: np.ndarray, d_rows: np.ndarray, d_cols: np.ndarray,
+                       height: int, width: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """Trace ``B`` whole images at once, their rays expanded on :attr:`device`.
+
+        ``sources``, ``corners``, ``d_rows``, ``d_cols``: ``float [B, 3]`` (world mm)
+        as :func:`~chexanatomy_lib.ct.geometry.patient_ray_grid` returns them per
+        image; pixel ``(r, c)`` of image ``b`` is ``corners[b] + (r + 0.5) *
+        d_rows[b] + (c + 0.5) * d_cols[b]``.
+
+        Returns ``line_integral`` ``float32 [B, H*W]`` and ``path_mm`` ``float32
+        [B, H*W, n_labels]`` (row-major pixels) on :attr:`device`.
+        """
+        as_t = lambda a: torch.as_tensor(np.asarray(a, dtype=np.float64).reshape(-1, 3), device=self.device)  # noqa: E731
+        src, corner, d_row, d_col = (as_t(a) for a in (sources, corners, d_rows, d_cols))
+        r = torch.arange(int(height), device=self.device, dtype=torch.float64) + 0.5
+        c = torch.arange(int(width), device=self.device, dtype=torch.float64) + 0.5
+        pix = (corner[:, None, None, :] + r[None, :, None, None] * d_row[:, None, None, :]
+               + c[None, None, :, None] * d_col[:, None, None, :])
+        return self._trace(src, pix.reshape(len(src), -1, 3), (int(height), int(width)))
+
+    def _trace(self, src_w: torch.Tensor, pix_w: torch.Tensor,
+               image_shape: tuple[int, int] | None) -> tuple[torch.Tensor, torch.Tensor]:
+        """``src_w`` ``float64 [B, 3]``, ``pix_w`` ``float64 [B, N, 3]`` (world mm, on the
+        device) -> line ``float32 [B, N]``, path ``float32 [B, N, L]`` (on the device)."""
+        dev = self.device
+        b, n = pix_w.shape[:2]
+        inv = torch.as_tensor(self.inv_affine, device=dev)
+        src_v = src_w @ inv[:3, :3].T + inv[:3, 3]  # [B, 3] voxel coordinates
+        pix_v = pix_w @ inv[:3, :3].T + inv[:3, 3]  # [B, N, 3]
+        length_w = torch.linalg.vector_norm(pix_w - src_w[:, None], dim=-1)  # [B, N] mm
+        dir_v = (pix_v - src_v[:, None]) / length_w[..., None]  # voxel index per mm along each ray
+        src_r = src_v[:, None].expand(b, n, 3).reshape(-1, 3)
+        dir_v = dir_v.reshape(-1, 3)
+        t0, t1 = _clip_to_box(src_r, dir_v, torch.tensor(self.shape, device=dev, dtype=torch.float64))
+        t1 = torch.minimum(t1, length_w.reshape(-1))
+        span = (t1 - t0).clamp(min=0.0)
+        # first sample (nearest-voxel coordinates: +1 for the padding, +0.5 so floor() rounds)
+        # and the step between samples, in padded voxel units
+        first = src_r + (t0 + 0.5 * self.step_mm)[:, None] * dir_v + 1.5
+        stride = dir_v * self.step_mm
+        n_steps = torch.ceil(span / self.step_mm).to(torch.int64)
+        line = torch.zeros(b * n, dtype=torch.float64, device=dev)
+        counts = torch.zeros(b * n, self.n_labels, dtype=torch.int32, device=dev)
+        # only rays that cross the volume are marched (the rest see nothing)
+        if self.ray_major:
+            rays = torch.nonzero(n_steps > 0).flatten()
+            if image_shape is not None:  # tile-major order inside each image: cache locality
+                h, w = image_shape
+                pix = torch.arange(h * w)
+                pr, pc = pix // w, pix % w
+                tile = torch.argsort((pr // 32) * ((w + 31) // 32) * 1024 + (pc // 32) * 1024 + (pr % 32) * 32 + pc % 32)
+                rank = torch.empty_like(tile)
+                rank[tile] = torch.arange(h * w)
+                key = (rays // (h * w)) * (h * w) + rank[rays % (h * w)]
+                rays = rays[torch.argsort(key)]
+        else:  # longest first: each chunk marches about as far as its rays need
+            rays = torch.argsort(n_steps, descending=True)
+            rays = rays[: int((n_steps > 0).sum())]
+        for a in range(0, len(rays), self.chunk_rays):
+            idx = rays[a:a + self.chunk_rays]
+            k = int(n_steps[idx].max())
+            ln, ct = self._march(first[idx].float(), stride[idx].float(), k)
+            line[idx] = ln
+            counts[idx] = ct
+        return line.to(torch.float32).view(b, n), counts.to(torch.float32).mul_(self.step_mm).view(b, n, -1)
+
+    def _march(self, first: torch.Tensor, stride: torch.Tensor, n_steps: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """March ``m`` rays ``n_steps`` samples: ``first`` and ``stride`` ``float32 [m, 3]``
+        (padded voxel coordinates + 0.5). Returns line integral ``float64 [m]`` (sum of
+        ``mu * step``) and sample counts per label ``int32 [m, L]``."""
+        m, dev = len(first), self.device
+        ray_major = self.ray_major
+        line, key = self._gather(first, stride, torch.arange(n_steps, device=dev, dtype=torch.float32))
+        if ray_major:
+            counts = torch.bincount(key.view(-1), minlength=m * self.n_labels).to(torch.int32)
+        else:  # NOTE: bincount on a GPU first reads the maximum (a host sync); index_add_ does not
+            counts = torch.zeros(m * self.n_labels, dtype=torch.int32, device=dev)
+            counts.index_add_(0, key.view(-1), torch.ones(1, dtype=torch.int32, device=dev).expand(key.numel()))
         return line, counts.view(m, self.n_labels)
 
 
-def _clip_to_box(src: np.ndarray, direction: np.ndarray, shape: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
-    """Entry and exit distances (``[N]``, mm) of rays ``src + t * direction`` (voxel
-    coordinates, ``direction`` in voxels per mm) through the box of voxels
-    ``[-0.5, shape - 0.5]``; ``t0 >= 0``; a ray that misses has ``t1 <= t0``."""
+    def _gather_eager(self, first: torch.Tensor, stride: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Sample ``m`` rays at steps ``k`` (``float32 [S]``): line integral ``float64 [m]``
+        and the key ``ray * L + label`` of every sample (``int32``, ``[m, S]`` for the
+        "rays" layout, ``[S, m]`` for "steps")."""
+        # NOTE: on the CPU each ray's samples are contiguous ([m, S], in cache); on a GPU
+        # neighbouring threads take neighbouring rays ([S, m]) so that the per-(ray,
+        # label) counter updates of one warp go to different addresses.
+        ray_major = self.ray_major
+        k = k[None, :] if ray_major else k[:, None]
+        flat = None
+        for ax in range(3):
+            p, s = (first[:, ax:ax + 1], stride[:, ax:ax + 1]) if ray_major else (first[:, ax], stride[:, ax])
+            c = torch.addcmul(p, k, s).floor_().clamp_(0, self.padded[ax] - 1).to(torch.int32)
+            flat = c if flat is None else flat.mul_(self.padded[ax]).add_(c)
+        sum_dim = 1 if ray_major else 0
+        if self.packed:
+            v = self.voxels[flat]
+            line = torch.bitwise_right_shift(v, 8).sum(dim=sum_dim).to(torch.float64) * (self.mu_quantum * self.step_mm)
+            key = v.bitwise_and_(255)
+        else:
+            line = self.mu_flat[flat].sum(dim=sum_dim).to(torch.float64) * self.step_mm
+            key = self.labels_flat[flat]
+        ray = torch.arange(len(first), dtype=torch.int32, device=first.device) * self.n_labels
+        key += ray[:, None] if ray_major else ray[None, :]
+        return line, key
+
+
+def _clip_to_box(src: torch.Tensor, direction: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Entry and exit distances (``float64 [N]``, mm) of rays ``src + t * direction``
+    (``[N, 3]`` voxel coordinates, ``direction`` in voxels per mm) through the box of
+    voxels ``[-0.5, shape - 0.5]``; ``t0 >= 0``; a ray that misses has ``t1 <= t0``."""
     lo, hi = -0.5, shape - 0.5
-    with np.errstate(divide="ignore", invalid="ignore"):
-        ta = (lo - src[None, :]) / direction
-        tb = (hi[None, :] - src[None, :]) / direction
-    near = np.minimum(ta, tb)
-    far = np.maximum(ta, tb)
-    # a ray parallel to a pair of faces is inside that slab for all t, or never
     par = direction == 0
-    inside = ((src >= lo) & (src <= hi))[None, :].repeat(len(direction), axis=0)
-    near = np.where(par, np.where(inside, -np.inf, np.inf), near)
-    far = np.where(par, np.where(inside, np.inf, -np.inf), far)
-    return np.maximum(near.max(axis=1), 0.0), far.min(axis=1)
+    safe = torch.where(par, torch.ones_like(direction), direction)
+    ta = (lo - src) / safe
+    tb = (hi - src) / safe
+    near = torch.minimum(ta, tb)
+    far = torch.maximum(ta, tb)
+    # a ray parallel to a pair of faces is inside that slab for all t, or never
+    inside = (src >= lo) & (src <= hi)
+    inf = torch.full_like(near, float("inf"))
+    near = torch.where(par, torch.where(inside, -inf, inf), near)
+    far = torch.where(par, torch.where(inside, inf, -inf), far)
+    return near.amax(dim=1).clamp(min=0.0), far.amin(dim=1)
 
 
 def compact_labels(labelmap: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:

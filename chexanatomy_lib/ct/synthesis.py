@@ -116,31 +116,63 @@ def render_view(volume: WorkingVolume, view: str, pose: PatientPose, settings: R
     ``bool [S, H, W]`` (structure order of ``groups``), ``absent`` and
     ``truncated`` ``bool [S]``. ``noise_seed`` seeds the Poisson noise (None:
     noiseless). ``marcher``: a :class:`~chexanatomy_lib.ct.projector.RayMarcher`
-    of ``volume`` to reuse across images.
+    of ``volume`` to reuse across images. One image of :func:`render_views`.
+    """
+    images, masks, absent, truncated = render_views(volume, [view], [pose], settings, groups, [noise_seed], marcher)
+    return images[0], masks[0], absent[0], truncated[0]
+
+
+def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[PatientPose],
+                 settings: RenderSettings, groups: list[list[int]],
+                 noise_seeds: Sequence[int | None] | None = None, marcher=None, device=None,
+                 to_numpy: bool = True) -> tuple:
+    """Render ``B`` images of one working volume (one view and pose each) in one pass.
+
+    On a GPU the rays of all images are traced together; on the CPU image by
+    image. Returns ``images`` ``float32 [B, H, W]`` in [0, 1], ``masks`` ``bool
+    [B, S, H, W]``, ``absent`` and ``truncated`` ``bool [B, S]``: NumPy arrays,
+    or with ``to_numpy=False`` images and masks as tensors on the marcher's
+    device. ``noise_seeds``: one per image (None: noiseless). ``marcher``: a
+    :class:`~chexanatomy_lib.ct.projector.RayMarcher` of ``volume`` to reuse;
+    else one is made on ``device`` (None: the CPU).
     """
     import torch
 
+    from .geometry import patient_ray_grid
     from .projector import RayMarcher
 
-    n = settings.image_size
+    if len(views) != len(poses):
+        raise ValueError(f"{len(views)} views for {len(poses)} poses")
+    n, b = settings.image_size, len(views)
+    noise_seeds = list(noise_seeds) if noise_seeds is not None else [None] * b
     if marcher is None:
-        marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm)
-    source, pixels = patient_rays(view, settings.detector_geometry(), pose, volume.isocentre)
-    line, path = marcher.project(source, pixels, image_shape=(n, n))
-    rng = np.random.default_rng(noise_seed) if noise_seed is not None else None
-    image = settings.detector(line.view(n, n).numpy(), rng)
+        marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
+                             device=device)
+    det = settings.detector_geometry()
+    grids = np.array([patient_ray_grid(v, det, p, volume.isocentre) for v, p in zip(views, poses)])  # [B, 4, 3]
+    if marcher.device.type == "cpu":  # image by image: each image's rays stay in cache
+        out = [marcher.project_images(*grids[k:k + 1].transpose(1, 0, 2), n, n) for k in range(b)]
+        line, path = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
+    else:
+        line, path = marcher.project_images(*grids.transpose(1, 0, 2), n, n)
+    images = settings.detector(line.view(b, n, n), noise_seeds)
 
-    member = torch.zeros(len(volume.label_ids), len(groups))
+    member = torch.zeros(len(volume.label_ids), len(groups), device=marcher.device)
     for s, g in enumerate(groups):
         member[g, s] = 1.0
-    lengths = path @ member  # [H*W, S] mm through each structure
-    masks = (lengths > settings.mask_threshold_mm).T.reshape(len(groups), n, n).numpy()
-    absent = ~masks.reshape(len(groups), -1).any(axis=1)
-    cut_labels = volume.truncating_labels(view, pose)
-    border = masks[:, 0, :].any(1) | masks[:, -1, :].any(1) | masks[:, :, 0].any(1) | masks[:, :, -1].any(1)
-    truncated = np.array([bool(cut_labels[g].any()) if g else False for g in groups]) | border
+    lengths = path @ member  # [B, H*W, S] mm through each structure
+    masks = (lengths > settings.mask_threshold_mm).transpose(1, 2).reshape(b, len(groups), n, n)
+    absent = ~masks.flatten(2).any(dim=2)
+    border = masks[:, :, 0, :].any(2) | masks[:, :, -1, :].any(2) | masks[:, :, :, 0].any(2) | masks[:, :, :, -1].any(2)
+    absent, border = absent.cpu().numpy(), border.cpu().numpy()
+    truncated = np.zeros((b, len(groups)), dtype=bool)
+    for k, (view, pose) in enumerate(zip(views, poses)):
+        cut_labels = volume.truncating_labels(view, pose)
+        truncated[k] = np.array([bool(cut_labels[g].any()) if g else False for g in groups]) | border[k]
     truncated &= ~absent
-    return image, masks, absent, truncated
+    if to_numpy:
+        images, masks = images.cpu().numpy(), masks.cpu().numpy()
+    return images, masks, absent, truncated
 
 
 def _case_of(item: Any):
@@ -216,12 +248,17 @@ def synthesize_dataset(
     overwrite: bool = False,  # replace an existing dataset
     progress: bool = True,  # tqdm progress bar
     threads: int | None = 1,  # torch threads while rendering (None: leave as is); scale out with shards
+    device: str = "cpu",  # "cpu", "cuda" or "auto": where copies are resampled and rays traced
+    batch_images: int | None = None,  # images traced together (None: 1 on the CPU, 32 on a GPU)
 ) -> Path:
     """Render a projected dataset from CT cases; returns ``out_path``.
 
     Splits are by source CT when there are several cases (or as fixed by the
     manifest), by deformed copy when there is one. Every input is checked
-    before anything is written.
+    before anything is written. On a GPU each copy's images are traced in
+    batches; masks are the same as on the CPU (up to rays whose path length
+    lies within rounding of the threshold), the Poisson noise is a different
+    draw of the same distribution (see :class:`~chexanatomy_lib.ct.detector.DetectorModel`).
     """
     from tqdm.auto import tqdm
 
@@ -282,14 +319,19 @@ def synthesize_dataset(
                           "lateral = left lateral, anterior on image left; head up"},
         "mask_threshold_mm": settings.mask_threshold_mm,
         "render_settings": settings.as_dict(),
-        "cohort": {"n_copies": n_copies, "poses_per_copy": poses_per_copy, "seed": seed,
-                   "amplitude_mm": amplitude_mm, "scale_range": scale_range,
-                   "control_points": control_points, "pose_ranges": pose_ranges.as_dict()},
+        "cohort": _cohort_meta(n_copies, poses_per_copy, seed, amplitude_mm, scale_range, control_points,
+                               pose_ranges),
         "split_unit": unit,
         "shard": list(shard) if shard is not None else None,
     }
     n_images = sum(len(rows) for _, rows in jobs)
+    from ..devices import resolve_device
     from .projector import RayMarcher, torch_threads
+
+    dev = resolve_device(device)
+    batch = int(batch_images) if batch_images else (1 if dev == "cpu" else 32)
+    if batch < 1:
+        raise ValueError(f"batch_images must be >= 1, got {batch_images}")
 
     with torch_threads(threads), DatasetWriter(out_path, names, settings.image_size, meta, splits=splits, overwrite=overwrite) as writer:
         bar = tqdm(total=n_images, desc="DRR + masks", disable=not progress, mininterval=10.0)
@@ -299,17 +341,113 @@ def synthesize_dataset(
                 case = loaded.get(copy.case_id) or _case_of(next(c for c in cases if str(c.case_id) == copy.case_id))
                 source = SourceCT.from_case(case, settings.mu_water)
                 groups = structure_groups(names, source.label_ids)
-            volume = make_working_volume(source, settings.working_spacing_mm, copy)
-            marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm)
-            for row in rows:
-                pose = PatientPose(**{k: row[k] for k in POSE_COLUMNS})
-                image, masks, absent, truncated = render_view(volume, row["view"], pose, settings, groups,
-                                                              row["noise_seed"], marcher)
-                split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
-                writer.add(image, masks, absent, truncated, {**row, "split": split})
-                bar.update(1)
+            volume = make_working_volume(source, settings.working_spacing_mm, copy,
+                                         device=None if dev == "cpu" else dev)
+            marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
+                                 device=dev)
+            for a in range(0, len(rows), batch):
+                part = rows[a:a + batch]
+                poses = [PatientPose(**{k: row[k] for k in POSE_COLUMNS}) for row in part]
+                images, masks, absent, truncated = render_views(
+                    volume, [row["view"] for row in part], poses, settings, groups,
+                    [row["noise_seed"] for row in part], marcher)
+                for k, row in enumerate(part):
+                    split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
+                    writer.add(images[k], masks[k], absent[k], truncated[k], {**row, "split": split})
+                bar.update(len(part))
         bar.close()
     return Path(out_path)
+
+
+def _cohort_meta(n_copies: int, poses_per_copy: int, seed: int, amplitude_mm: float, scale_range: float,
+                 control_points: int, pose_ranges: PoseRanges) -> dict:
+    return {"n_copies": n_copies, "poses_per_copy": poses_per_copy, "seed": seed,
+            "amplitude_mm": amplitude_mm, "scale_range": scale_range,
+            "control_points": control_points, "pose_ranges": pose_ranges.as_dict()}
+
+
+def use_rendered_dataset(source: str | Path, dest: str | Path, arguments: dict[str, Any]) -> Path:
+    """Make ``dest`` (a link) point at a dataset rendered elsewhere, after checking it.
+
+    ``source``: a dataset written by :func:`synthesize_dataset` or merged from
+    its shards (``chexanatomy synthesize --shard i/n``, ``chexanatomy
+    merge-shards``); ``arguments``: what :func:`synthesis_arguments` returns
+    for the chapter's parameters. The dataset must have been rendered with
+    those settings, views and cohort and be whole (not one shard); otherwise a
+    :class:`~chexanatomy_lib.ct.errors.CTInputError` names each difference.
+    Returns ``dest``.
+    """
+    import json
+
+    from .dataset import ProjectedDataset
+
+    src = Path(source).resolve()
+    meta = ProjectedDataset(src).meta
+    a = arguments
+    settings = replace(a["settings"], image_size=int(a["image_size"]))
+    expected = {
+        "render_settings": settings.as_dict(),
+        "cohort": _cohort_meta(a["n_copies"], a["poses_per_copy"], a["seed"], a["amplitude_mm"], a["scale_range"],
+                               a["control_points"], a["pose_ranges"]),
+        "views": list(a["views"]),
+    }
+    expected = json.loads(json.dumps(expected))
+    found = {"render_settings": meta.get("render_settings"), "cohort": meta.get("cohort"),
+             "views": (meta.get("view_geometry") or {}).get("views")}
+    diffs = []
+    for part in expected:
+        e, f = expected[part], found[part]
+        if isinstance(e, dict) and isinstance(f, dict):
+            diffs += [f"{part}.{k}: dataset {f.get(k)!r}, parameters {e.get(k)!r}"
+                      for k in sorted(set(e) | set(f)) if e.get(k) != f.get(k)]
+        elif e != f:
+            diffs.append(f"{part}: dataset {f!r}, parameters {e!r}")
+    if meta.get("shard") is not None:
+        i, n = meta["shard"]
+        raise CTInputError(src, f"holds shard {i}/{n} only; merge all shards first (chexanatomy merge-shards)")
+    if diffs:
+        raise CTInputError(src, "was not rendered with this chapter's parameters: " + "; ".join(diffs))
+    dest = Path(dest)
+    if dest.is_symlink() or dest.is_file():
+        dest.unlink()
+    elif dest.exists():
+        import shutil
+
+        shutil.rmtree(dest)
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    dest.symlink_to(src, target_is_directory=True)
+    return dest
+
+
+def synthesis_arguments(params: dict[str, Any]) -> dict[str, Any]:
+    """Keyword arguments of :func:`synthesize_dataset` from chapter 1's parameters.
+
+    ``params``: the parameters of ``notebooks/01_ct_projection.py`` by name
+    (``image_size``, ``views``, ``field_mm``, ``sid_mm``, ``sod_range_mm``,
+    ``translation_mm``, ``rotation_deg``, ``n_copies``, ``poses_per_copy``,
+    ``deform_amplitude_mm``, ``scale_range``, ``control_points``,
+    ``photons_per_pixel``, ``gamma``, ``mask_threshold_mm``,
+    ``working_spacing_mm``, ``step_mm``, ``split_fractions``, ``seed``, and
+    ``device`` when given). The chapter and ``chexanatomy synthesize --shard
+    i/n`` both build their datasets through this one mapping, so shards rendered
+    on other machines are the chapter's dataset, image for image.
+    """
+    p = params
+    settings = RenderSettings(
+        image_size=int(p["image_size"]), field_mm=float(p["field_mm"]), sid_mm=float(p["sid_mm"]),
+        working_spacing_mm=float(p["working_spacing_mm"]), step_mm=float(p["step_mm"]),
+        mask_threshold_mm=float(p["mask_threshold_mm"]),
+        detector=DetectorModel(photons_per_pixel=p["photons_per_pixel"], gamma=float(p["gamma"])))
+    pose_ranges = PoseRanges(translation_mm=tuple(p["translation_mm"]), rotation_deg=tuple(p["rotation_deg"]),
+                             sod_mm=tuple(p["sod_range_mm"]))
+    out = dict(image_size=settings.image_size, views=list(p["views"]), n_copies=int(p["n_copies"]),
+               poses_per_copy=int(p["poses_per_copy"]), seed=int(p["seed"]), settings=settings,
+               amplitude_mm=float(p["deform_amplitude_mm"]), scale_range=float(p["scale_range"]),
+               control_points=int(p["control_points"]), pose_ranges=pose_ranges,
+               split_fractions=tuple(p["split_fractions"]))
+    if p.get("device") is not None:
+        out["device"] = str(p["device"])
+    return out
 
 
 #: The last prepared CT and deformed copy, reused by consecutive `render_sample` calls

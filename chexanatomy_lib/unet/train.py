@@ -27,6 +27,8 @@ from typing import Any
 import numpy as np
 import torch
 
+from ..devices import resolve_device
+
 from .checkpoint import CheckpointError, save_model
 from .data import Augmentation, SegmentationSamples, default_structures
 from .loss import MaskedDiceBCELoss
@@ -104,17 +106,6 @@ class TrainResult:
     history: dict[str, list[dict[str, float]]]  # {"steps": [...], "epochs": [...]}
     wall_s: float  # seconds spent in this call
     n_parameters: int  # trainable parameters of the network
-
-
-def resolve_device(device: str) -> str:
-    """'auto' -> 'cuda' when available, else 'cpu'; 'cuda' without a GPU is an error."""
-    if device == "auto":
-        return "cuda" if torch.cuda.is_available() else "cpu"
-    if device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' was requested but no CUDA device is available")
-    if device not in ("cpu", "cuda"):
-        raise ValueError(f"device must be 'auto', 'cpu' or 'cuda', got {device!r}")
-    return device
 
 
 def _mixed_precision(setting: str, device: str) -> str:

