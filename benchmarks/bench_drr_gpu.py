@@ -15,11 +15,11 @@ Measured, each after a warm-up:
 * ``render``: :func:`~chexanatomy_lib.ct.synthesis.render_views` of ``B`` images
   of one working volume, radiographs and masks left on the GPU (as a training
   loop that renders on the fly would use them), synchronised;
-* ``render + host``: the same with images and masks copied to host memory (as
-  dataset synthesis writes them);
-* ``cohort``: end to end per deformed copy, as ``synthesize_dataset`` works:
-  resample the copy on the GPU, then render its ``poses x 2 views`` images and
-  copy them to the host;
+* ``render + host``: the same with the masks bit-packed on the GPU and images
+  and masks copied to host memory (as dataset synthesis writes them);
+* ``cohort``: ``synthesize_dataset`` end to end on the GPU (``--copies`` deformed
+  copies, ``--poses`` poses per copy and view): CT preparation, resampling of
+  every copy, rendering, packing and writing the dataset to disk;
 * agreement: masks of the same rows rendered on the CPU (``layout="rays"``) and
   on the GPU, as the fraction of equal pixels and the lung and heart Dice.
 
@@ -107,9 +107,11 @@ def main() -> None:
     if not torch.cuda.is_available():
         raise SystemExit("bench_drr_gpu.py needs a CUDA device")
 
-    from chexanatomy_lib.ct.cohort import SourceCT, make_working_volume, sample_copies
+    from chexanatomy_lib.ct.cohort import SourceCT, make_working_volume
+    from chexanatomy_lib.ct.dataset import pack_masks
     from chexanatomy_lib.ct.projector import RayMarcher
-    from chexanatomy_lib.ct.synthesis import RenderSettings, render_views, structure_groups, structures_present
+    from chexanatomy_lib.ct.synthesis import (RenderSettings, render_views, structure_groups, structures_present,
+                                              synthesize_dataset)
 
     dev = "cuda"
     name = torch.cuda.get_device_name(0)
@@ -145,30 +147,37 @@ def main() -> None:
                 peak = torch.cuda.max_memory_allocated() / 1024**3
                 key = f"{variant}_{size}_b{b}"
                 res["render"][key] = {"images_per_s": b / s, "seconds_per_batch": s, "peak_gpu_gb": peak}
-                host = lambda: [x.cpu() if isinstance(x, torch.Tensor) else x for x in run()]  # noqa: E731
+                def host():  # as synthesize_dataset does: masks packed on the GPU, then copied
+                    images, masks, _, _ = run()
+                    return images.cpu().numpy(), pack_masks(masks).cpu().numpy()
+
                 host()
                 s = _time(host, args.repeats)
                 res["render_host"][key] = {"images_per_s": b / s}
                 print(f"{key:>22}: {res['render'][key]['images_per_s']:8.1f} images/s on the GPU, "
                       f"{b / s:8.1f} with host copy, peak {peak:.1f} GB", flush=True)
 
-    # end to end, as synthesize_dataset works: per copy, resample then render its images
-    settings = RenderSettings(image_size=256, field_mm=FIELD_MM, sid_mm=SID_MM)
-    copies = sample_copies(source.case_id, args.copies, 0, 12.0, 0.2, 5)
-    views, poses = _poses(2 * args.poses, seed=1)
+    # end to end: synthesize_dataset itself (CT preparation, resampling every copy,
+    # rendering, packing, copying and writing the dataset to disk)
+    import tempfile
 
-    def cohort():
-        for copy in copies:
-            vol = make_working_volume(source, 2.0, copy, device=dev)
-            m = RayMarcher(vol.mu, vol.labels, vol.affine, len(vol.label_ids), 1.0, device=dev)
-            render_views(vol, views, poses, settings, groups, list(range(len(views))), m)
+    from chexanatomy_lib.ct.cohort import PoseRanges
 
-    cohort()
-    s = _time(cohort, 1)
-    n = len(copies) * len(views)
-    res["cohort"] = {"copies": len(copies), "images_per_copy": len(views), "image_size": 256,
-                     "images_per_s": n / s, "seconds": s}
-    print(f"cohort end to end: {n / s:.1f} images/s ({len(copies)} copies x {len(views)} images, host copies included)")
+    with tempfile.TemporaryDirectory() as tmp:
+        kw = dict(image_size=256, n_copies=args.copies, poses_per_copy=args.poses, seed=0,
+                  settings=RenderSettings(image_size=256, field_mm=FIELD_MM, sid_mm=SID_MM), amplitude_mm=12.0,
+                  scale_range=0.2, pose_ranges=PoseRanges((80.0, 70.0, 70.0), (10.0, 20.0, 25.0), (1300.0, 1700.0)),
+                  progress=False, device=dev)
+        synthesize_dataset([case], Path(tmp) / "warm", **{**kw, "n_copies": 1})  # compiles the kernels
+        torch.cuda.synchronize()
+        t = time.perf_counter()
+        synthesize_dataset([case], Path(tmp) / "ds", **kw)
+        s = time.perf_counter() - t
+    n = args.copies * args.poses * 2
+    res["cohort"] = {"copies": args.copies, "images_per_copy": 2 * args.poses, "image_size": 256,
+                     "images_per_s": n / s, "seconds": s,
+                     "includes": "CT preparation, resampling of every copy, rendering, writing to disk"}
+    print(f"synthesize_dataset end to end: {n / s:.1f} images/s ({args.copies} copies x {2 * args.poses} images)")
 
     # agreement with the CPU path on the same rows
     vol_cpu = make_working_volume(source, 2.0)

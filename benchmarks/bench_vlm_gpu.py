@@ -62,14 +62,20 @@ def build_model(image_size: int, device: str = "cuda", tiny: bool = False):
 
 
 def measure(image_size: int, batch: int, steps: int, warmup: int = 3, device: str = "cuda", tiny: bool = False,
-            target_logits_only: bool = False, compile: str = "none", profile: str | None = None) -> dict:
+            target_logits_only: bool = False, compile: str = "none", profile: str | None = None,
+            lora_precision: str = "fp32") -> dict:
     from peft import LoraConfig, get_peft_model
 
     from chexanatomy_lib.vlm.model import lora_target_regex
 
     model, cfg = build_model(image_size, device, tiny)
     n_params = sum(p.numel() for p in model.parameters())
-    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(False)))
+    # NOTE: lora_precision: "fp32" = peft's default (adapter weights in fp32, each LoRA
+    # input cast to fp32); "autocast" = fp32 adapter weights under bf16 autocast with
+    # peft's input casting off (LoRA products in bf16, fp32 master weights, as
+    # Accelerate's bf16 mixed precision runs them); "bf16" = adapter weights in bf16.
+    model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(False)),
+                           autocast_adapter_dtype=lora_precision != "bf16")
     if compile == "layers":
         # NOTE: regional compilation: each decoder and vision-encoder layer is compiled
         # (identical layers share the compiled code), fusing the element-wise work
@@ -97,15 +103,30 @@ def measure(image_size: int, batch: int, steps: int, warmup: int = 3, device: st
                             betas=(0.9, 0.999))
     model.train()
 
-    def step() -> float:
+    import contextlib
+
+    from peft.helpers import disable_input_dtype_casting
+
+    def forward_context():
+        if lora_precision != "autocast":
+            return contextlib.nullcontext()
+        stack = contextlib.ExitStack()
+        stack.enter_context(torch.autocast(device_type=device, dtype=torch.bfloat16))
+        stack.enter_context(disable_input_dtype_casting(model))
+        return stack
+
+    def forward() -> torch.Tensor:
         if target_logits_only:
             # The loss needs logits at the positions that predict the target only: skip the
             # 257k-way head (and its fp32 logits) on the image and prompt positions.
             out = model(input_ids=ids, pixel_values=pixels, token_type_ids=token_type, logits_to_keep=TARGET_TOKENS + 1)
             logits = out.logits[:, :-1].float()
-            loss = torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -TARGET_TOKENS:].reshape(-1))
-        else:
-            loss = model(input_ids=ids, pixel_values=pixels, token_type_ids=token_type, labels=labels).loss
+            return torch.nn.functional.cross_entropy(logits.reshape(-1, logits.shape[-1]), labels[:, -TARGET_TOKENS:].reshape(-1))
+        return model(input_ids=ids, pixel_values=pixels, token_type_ids=token_type, labels=labels).loss
+
+    def step() -> float:
+        with forward_context():
+            loss = forward()
         loss.backward()
         torch.nn.utils.clip_grad_norm_([p for p in model.parameters() if p.requires_grad], 1.0)
         opt.step()
@@ -146,7 +167,7 @@ def measure(image_size: int, batch: int, steps: int, warmup: int = 3, device: st
         "last_loss": loss,
         "attn_implementation": getattr(model.config, "_attn_implementation", None),
         "target_logits_only": target_logits_only,
-        "compile": compile, "warmup_s": warmup_s,
+        "compile": compile, "warmup_s": warmup_s, "lora_precision": lora_precision,
     }
     print(json.dumps(res), flush=True)
     del model, opt
@@ -167,10 +188,12 @@ def main() -> int:
     ap.add_argument("--compile", choices=["none", "layers"], default="none",
                     help="torch.compile each decoder and vision-encoder layer")
     ap.add_argument("--profile", help="write a torch.profiler kernel table of two steps of the first size here")
+    ap.add_argument("--lora-precision", choices=["fp32", "autocast", "bf16"], default="fp32",
+                    help="adapter weights in fp32 (peft default), fp32 under bf16 autocast, or bf16")
     a = ap.parse_args()
     if a.check_cpu:
         measure(a.sizes[0], 2, 1, warmup=1, device="cpu", tiny=True, target_logits_only=a.target_logits_only,
-                compile=a.compile)
+                compile=a.compile, lora_precision=a.lora_precision)
         return 0
     if not torch.cuda.is_available():
         print("bench_vlm_gpu: needs a CUDA device")
@@ -179,7 +202,7 @@ def main() -> int:
     import transformers
 
     results = [measure(s, b, a.steps, target_logits_only=a.target_logits_only, compile=a.compile,
-                       profile=a.profile if k == 0 else None) for k, (s, b) in enumerate(zip(a.sizes, a.batch))]
+                       profile=a.profile if k == 0 else None, lora_precision=a.lora_precision) for k, (s, b) in enumerate(zip(a.sizes, a.batch))]
     rec = {
         "name": "vlm_gpu_throughput",
         "kind": "benchmark",

@@ -269,3 +269,14 @@ def test_png_export_round_trip(tmp_path):
     mask = np.asarray(Image.open(out / "masks" / "img001" / "lung_left.png"))
     np.testing.assert_array_equal(mask == 255, ds.mask(1, "lung_left"))
     assert sorted(p.stem for p in (out / "masks" / "img000").iterdir()) == sorted(STRUCTURES)
+
+
+def test_pack_masks_matches_numpy_packbits():
+    import torch
+
+    from chexanatomy_lib.ct.dataset import pack_masks
+
+    rng = np.random.default_rng(0)
+    for w in (16, 13, 1):
+        m = rng.random((2, 3, 5, w)) > 0.5
+        assert np.array_equal(pack_masks(torch.from_numpy(m)).numpy(), np.packbits(m, axis=-1))

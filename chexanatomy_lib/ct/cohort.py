@@ -196,6 +196,21 @@ class SourceCT:
     face_labels: np.ndarray
     face_normals: np.ndarray
 
+    def arrays_on(self, device) -> tuple:
+        """``(mu, compact)`` as tensors on ``device``; a GPU copy is made once and kept, so
+        that every deformed copy of this CT is resampled without uploading it again."""
+        import torch
+
+        dev = torch.device(device)
+        if dev.type == "cpu":
+            return torch.from_numpy(self.mu), torch.from_numpy(np.ascontiguousarray(self.compact))
+        cache = self.__dict__.setdefault("_on_device", {})
+        if str(dev) not in cache:
+            cache.clear()
+            cache[str(dev)] = (torch.from_numpy(self.mu).to(dev),
+                               torch.from_numpy(np.ascontiguousarray(self.compact)).to(dev))
+        return cache[str(dev)]
+
     @classmethod
     def from_case(cls, case, mu_water: float = MU_WATER_PER_MM) -> "SourceCT":
         """From a :class:`~chexanatomy_lib.ct.io.CTCase` (HU, ``total`` labelmap, RAS+ affine)."""
@@ -259,8 +274,8 @@ def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopyS
     v_ctrl = torch.from_numpy(v_ctrl.astype(np.float32)).permute(3, 0, 1, 2)[None].to(dev)
     v_all = F.interpolate(v_ctrl, size=shape, mode="trilinear", align_corners=True)[0]  # [3, X, Y, Z]
 
-    mu_in = torch.from_numpy(source.mu).to(dev)
-    lab_in = torch.from_numpy(np.ascontiguousarray(source.compact)).reshape(-1).to(dev)
+    mu_in, lab_in = source.arrays_on(dev)
+    lab_in = lab_in.reshape(-1)
     mu_out = torch.empty(shape, dtype=torch.float32, device=dev)
     lab_out = torch.empty(shape, dtype=lab_in.dtype, device=dev)
     # bounded memory on the CPU (~1M points per pass); one pass on a GPU

@@ -319,6 +319,28 @@ class DatasetWriter:
             raise self._fail(f"structures marked absent have non-empty masks: {bad}")
         self._append(image, np.packbits(masks, axis=-1), flags[0], flags[1], row)
 
+    def add_packed(self, image: np.ndarray, packed: np.ndarray, absent: np.ndarray,
+                   truncated: np.ndarray, row: dict) -> None:
+        """:meth:`add` with the masks already packed as stored: ``packed`` ``uint8 [S, H,
+        ceil(W/8)]`` = ``np.packbits(masks, axis=-1)`` (e.g. by :func:`pack_masks` on a GPU)."""
+        size, s = self.image_size, len(self.structures)
+        image = np.asarray(image)
+        if image.shape != (size, size) or not np.issubdtype(image.dtype, np.floating):
+            raise self._fail(f"image {image.dtype} {image.shape}, expected float32 {(size, size)}")
+        if not np.isfinite(image).all() or image.min() < 0 or image.max() > 1:
+            raise self._fail(f"image values must be finite and in [0, 1] (min {np.nanmin(image)}, max {np.nanmax(image)})")
+        packed = np.asarray(packed)
+        if packed.shape != (s, size, (size + 7) // 8) or packed.dtype != np.uint8:
+            raise self._fail(f"packed masks {packed.dtype} {packed.shape}, expected uint8 {(s, size, (size + 7) // 8)}")
+        absent, truncated = np.asarray(absent), np.asarray(truncated)
+        for name, a in (("absent", absent), ("truncated", truncated)):
+            if a.shape != (s,) or a.dtype != np.bool_:
+                raise self._fail(f"{name} {a.dtype} {a.shape}, expected bool {(s,)}")
+        bad = [self.structures[k] for k in np.flatnonzero(absent & packed.reshape(s, -1).any(axis=1))]
+        if bad:
+            raise self._fail(f"structures marked absent have non-empty masks: {bad}")
+        self._append(image.astype(np.float32, copy=False), packed, absent, truncated, row)
+
     def _append(self, image: np.ndarray, packed: np.ndarray, absent: np.ndarray,
                 truncated: np.ndarray, row: dict) -> None:
         """Append already-validated arrays (``packed``: ``uint8 [S, H, ceil(W/8)]``)."""
@@ -502,6 +524,21 @@ class ProjectedDataset:
         if view is not None:
             keep = keep & (self.index["view"] == view).to_numpy()
         return np.flatnonzero(keep).astype(np.int64)
+
+
+def pack_masks(masks):
+    """``np.packbits(masks, axis=-1)`` for a torch ``bool [..., W]`` tensor, on its own
+    device: ``uint8 [..., ceil(W/8)]``, first pixel in the high bit (as stored in
+    ``masks.npy``). Packing on a GPU moves an eighth of the bytes to the host."""
+    import torch
+
+    w = masks.shape[-1]
+    pad = (-w) % 8
+    m = masks.to(torch.uint8)
+    if pad:
+        m = torch.nn.functional.pad(m, (0, pad))
+    weights = torch.tensor([128, 64, 32, 16, 8, 4, 2, 1], dtype=torch.uint8, device=m.device)
+    return (m.reshape(*m.shape[:-1], -1, 8) * weights).sum(dim=-1, dtype=torch.uint8)
 
 
 # --- shards ---------------------------------------------------------------------

@@ -126,7 +126,7 @@ class RayMarcher:
         self.chunk_rays = int(chunk_rays) if chunk_rays else (1024 if self.ray_major else 2**17)
         if int(np.prod(self.padded)) >= 2**31:
             raise ValueError(f"volume {self.shape} too large for 32-bit voxel indices")
-        self._gather = torch.compile(self._gather_eager, dynamic=True) if compile else self._gather_eager
+        self._gather = _compiled_gather() if compile else _gather
 
     def project(self, source: np.ndarray, pixels: np.ndarray,
                 image_shape: tuple[int, int] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
@@ -222,7 +222,14 @@ class RayMarcher:
         ``mu * step``) and sample counts per label ``int32 [m, L]``."""
         m, dev = len(first), self.device
         ray_major = self.ray_major
-        line, key = self._gather(first, stride, torch.arange(n_steps, device=dev, dtype=torch.float32))
+        k = torch.arange(n_steps, device=dev, dtype=torch.float32)
+        if self.packed:
+            total, key = self._gather(first, stride, k, self.voxels, self.padded, self.n_labels, ray_major)
+            line = total.to(torch.float64) * (self.mu_quantum * self.step_mm)
+        else:
+            total, key = self._gather(first, stride, k, self.mu_flat, self.padded, self.n_labels, ray_major,
+                                      self.labels_flat)
+            line = total.to(torch.float64) * self.step_mm
         if ray_major:
             counts = torch.bincount(key.view(-1), minlength=m * self.n_labels).to(torch.int32)
         else:  # NOTE: bincount on a GPU first reads the maximum (a host sync); index_add_ does not
@@ -231,31 +238,48 @@ class RayMarcher:
         return line, counts.view(m, self.n_labels)
 
 
-    def _gather_eager(self, first: torch.Tensor, stride: torch.Tensor, k: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Sample ``m`` rays at steps ``k`` (``float32 [S]``): line integral ``float64 [m]``
-        and the key ``ray * L + label`` of every sample (``int32``, ``[m, S]`` for the
-        "rays" layout, ``[S, m]`` for "steps")."""
-        # NOTE: on the CPU each ray's samples are contiguous ([m, S], in cache); on a GPU
-        # neighbouring threads take neighbouring rays ([S, m]) so that the per-(ray,
-        # label) counter updates of one warp go to different addresses.
-        ray_major = self.ray_major
-        k = k[None, :] if ray_major else k[:, None]
-        flat = None
-        for ax in range(3):
-            p, s = (first[:, ax:ax + 1], stride[:, ax:ax + 1]) if ray_major else (first[:, ax], stride[:, ax])
-            c = torch.addcmul(p, k, s).floor_().clamp_(0, self.padded[ax] - 1).to(torch.int32)
-            flat = c if flat is None else flat.mul_(self.padded[ax]).add_(c)
-        sum_dim = 1 if ray_major else 0
-        if self.packed:
-            v = self.voxels[flat]
-            line = torch.bitwise_right_shift(v, 8).sum(dim=sum_dim).to(torch.float64) * (self.mu_quantum * self.step_mm)
-            key = v.bitwise_and_(255)
-        else:
-            line = self.mu_flat[flat].sum(dim=sum_dim).to(torch.float64) * self.step_mm
-            key = self.labels_flat[flat]
-        ray = torch.arange(len(first), dtype=torch.int32, device=first.device) * self.n_labels
-        key += ray[:, None] if ray_major else ray[None, :]
-        return line, key
+def _gather(first: torch.Tensor, stride: torch.Tensor, k: torch.Tensor, voxels: torch.Tensor,
+            padded: tuple[int, int, int], n_labels: int, ray_major: bool,
+            labels: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Sample ``m`` rays at steps ``k`` (``float32 [S]``) of a padded volume.
+
+    ``voxels``: packed ``int32`` (attenuation above the low 8 label bits) or, with
+    ``labels`` given, ``float32`` attenuation. Returns the per-ray sum of the
+    attenuation values (``int64`` quanta or ``float32``, ``[m]``) and the key
+    ``ray * n_labels + label`` of every sample (``int32``, ``[m, S]`` for the
+    "rays" layout, ``[S, m]`` for "steps"). A pure function of tensors and
+    integers, so that one compiled version serves every volume of a shape.
+    """
+    # NOTE: on the CPU each ray's samples are contiguous ([m, S], in cache); on a GPU
+    # neighbouring threads take neighbouring rays ([S, m]) so that the per-(ray,
+    # label) counter updates of one warp go to different addresses.
+    k = k[None, :] if ray_major else k[:, None]
+    flat = None
+    for ax in range(3):
+        p, s = (first[:, ax:ax + 1], stride[:, ax:ax + 1]) if ray_major else (first[:, ax], stride[:, ax])
+        c = torch.addcmul(p, k, s).floor_().clamp_(0, padded[ax] - 1).to(torch.int32)
+        flat = c if flat is None else flat.mul_(padded[ax]).add_(c)
+    sum_dim = 1 if ray_major else 0
+    if labels is None:
+        v = voxels[flat]
+        total = torch.bitwise_right_shift(v, 8).sum(dim=sum_dim)
+        key = v.bitwise_and_(255)
+    else:
+        total = voxels[flat].sum(dim=sum_dim)
+        key = labels[flat]
+    ray = torch.arange(first.shape[0], dtype=torch.int32, device=first.device) * n_labels
+    key += ray[:, None] if ray_major else ray[None, :]
+    return total, key
+
+
+_COMPILED: dict = {}
+
+
+def _compiled_gather():
+    """:func:`_gather` compiled once per process (``torch.compile``, dynamic shapes)."""
+    if "gather" not in _COMPILED:
+        _COMPILED["gather"] = torch.compile(_gather, dynamic=True)
+    return _COMPILED["gather"]
 
 
 def _clip_to_box(src: torch.Tensor, direction: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -262,7 +262,7 @@ def synthesize_dataset(
     """
     from tqdm.auto import tqdm
 
-    from .dataset import DatasetWriter, choose_split_unit, make_splits
+    from .dataset import DatasetWriter, choose_split_unit, make_splits, pack_masks
 
     settings = replace(settings or RenderSettings(), image_size=int(image_size))
     views = list(views)
@@ -344,16 +344,17 @@ def synthesize_dataset(
             volume = make_working_volume(source, settings.working_spacing_mm, copy,
                                          device=None if dev == "cpu" else dev)
             marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
-                                 device=dev)
+                                 device=dev, compile=dev == "cuda")
             for a in range(0, len(rows), batch):
                 part = rows[a:a + batch]
                 poses = [PatientPose(**{k: row[k] for k in POSE_COLUMNS}) for row in part]
                 images, masks, absent, truncated = render_views(
                     volume, [row["view"] for row in part], poses, settings, groups,
-                    [row["noise_seed"] for row in part], marcher)
+                    [row["noise_seed"] for row in part], marcher, to_numpy=False)
+                images, packed = images.cpu().numpy(), pack_masks(masks).cpu().numpy()
                 for k, row in enumerate(part):
                     split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
-                    writer.add(images[k], masks[k], absent[k], truncated[k], {**row, "split": split})
+                    writer.add_packed(images[k], packed[k], absent[k], truncated[k], {**row, "split": split})
                 bar.update(len(part))
         bar.close()
     return Path(out_path)
