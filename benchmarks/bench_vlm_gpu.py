@@ -77,14 +77,9 @@ def measure(image_size: int, batch: int, steps: int, warmup: int = 3, device: st
     model = get_peft_model(model, LoraConfig(r=16, lora_alpha=32, target_modules=lora_target_regex(False)),
                            autocast_adapter_dtype=lora_precision != "bf16")
     if compile == "layers":
-        # NOTE: regional compilation: each decoder and vision-encoder layer is compiled
-        # (identical layers share the compiled code), fusing the element-wise work
-        # (RMSNorm in fp32, GELU, soft-capping, residuals, LoRA's scale-and-add) around
-        # the matrix products; the rest of the model stays eager.
-        for name, mod in model.named_modules():
-            if name.endswith((".layers", ".encoder.layers")) and isinstance(mod, torch.nn.ModuleList):
-                for layer in mod:
-                    layer.compile()
+        from chexanatomy_lib.vlm.model import compile_layers
+
+        compile_layers(model)
     trainable = sum(p.numel() for p in model.parameters() if p.requires_grad)
     vision_trainable = sum(p.numel() for n, p in model.named_parameters() if p.requires_grad and "vision_tower" in n)
     n_img = (image_size // 14) ** 2

@@ -83,6 +83,7 @@ loc_weight = 4.0  # weight of each <loc> target token in the loss relative to th
 warmup_steps = 40  # linear warm-up steps
 mixed_precision = "no"  # "no", "bf16" or "fp16" (GPU)
 gradient_checkpointing = False  # recompute activations in the backward pass (saves GPU memory)
+compile_layers = False  # torch.compile each decoder and vision-encoder layer (GPU: faster steps after ~40 s of compiling)
 save_every = 100  # optimizer steps between saved training states
 resume = True  # continue a run interrupted in this stage's folder
 decode_batch_size = 32  # images per generate call
@@ -174,7 +175,7 @@ report
 # %%
 config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loc_sigma=loc_sigma,
                      loc_weight=loc_weight, mixed_precision=mixed_precision,
-                     gradient_checkpointing=gradient_checkpointing,
+                     gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers,
                      save_every=save_every, seed=seed, device=device)
 result = train(vlm, sampler.sample, train_idx, config, out, resume=resume)
 plot_loss(result.log, title=f"{model}: {steps} steps of {batch_size} samples ({result.seconds:.0f} s)")

@@ -159,3 +159,28 @@ def test_loc_weight_weights_box_tokens_in_the_mean():
     weighted = token_loss(logits, labels, loc_start, 0.0, n_bins=n_bins, loc_weight=3.0)
     assert torch.allclose(weighted, (w * nll).sum() / w.sum())
     assert not torch.allclose(weighted, plain)
+
+
+def test_loss_on_target_logits_only_equals_the_loss_on_all_logits(fake):
+    """Training computes the vocabulary head on the positions that predict targets only
+    (``logits_to_keep``); the loss is the same as with every position's logits."""
+    from chexanatomy_lib.vlm.model import build_tiny
+    from chexanatomy_lib.vlm.tasks import TaskSampler, encode_batch
+    from chexanatomy_lib.vlm.train import target_span, token_loss
+
+    vlm = build_tiny("tiny", seed=0)
+    sampler = TaskSampler(fake, make_codec(), STRUCTURES, augment=0.0)
+    samples = [sampler.sample(int(i), np.random.default_rng(i)) for i in fake.split_indices("train")[:3]]
+    batch = encode_batch(vlm.processor, samples, train=True)
+    labels = batch.pop("labels")
+    keep = target_span(labels)
+    assert keep < labels.shape[1]  # the image and prompt positions are skipped
+    with torch.no_grad():
+        full = token_loss(vlm.model(**batch).logits, labels, 5, 2.0, loc_weight=3.0)
+        part = token_loss(vlm.model(**batch, logits_to_keep=keep).logits, labels[:, -keep:], 5, 2.0, loc_weight=3.0)
+    torch.testing.assert_close(part, full)
+    assert target_span(torch.full((2, 5), -100)) == 5
+    lab = torch.full((2, 6), -100)
+    lab[0, 4:] = 7
+    lab[1, 3:] = 7
+    assert target_span(lab) == 4  # positions 2..5: position 2 predicts the first target at 3

@@ -286,7 +286,7 @@ def synthesize_dataset(
     for item in cases:
         case = _case_of(item)
         _check_case(case)
-        label_ids |= {int(i) for i in np.unique(case.labelmap)}
+        label_ids |= {int(i) for i in np.flatnonzero(np.bincount(np.asarray(case.labelmap).reshape(-1)))}
         if not hasattr(item, "load") or hasattr(item, "volume") or len(cases) <= 4:
             loaded[case.case_id] = case  # in memory already, or few enough to keep
     names = list(structures) if structures is not None else structures_present(sorted(label_ids))

@@ -381,3 +381,25 @@ def load_saved_vlm(ckpt_dir: str | Path, trainable: bool = False, base_override:
                   image_size=int(card["image_size"]))
     vlm.info["card"] = card
     return vlm
+
+
+def compile_layers(model) -> int:
+    """Compile each decoder and vision-encoder layer of a PaliGemma model in place
+    (``torch.compile``, regional); returns how many layers.
+
+    NOTE: identical layers share the compiled code, so compiling takes about 40 s
+    on an H100 whatever the depth; it fuses the element-wise work around the
+    matrix products (Gemma's fp32 RMSNorm, GELU, soft-capping, residuals,
+    LoRA's scale-and-add), which otherwise costs a large share of a LoRA step
+    (benchmarks/bench_vlm_gpu.py). Meant for GPUs; the rest of the model stays
+    eager.
+    """
+    import torch
+
+    n = 0
+    for name, mod in model.named_modules():
+        if name.endswith(".layers") and isinstance(mod, torch.nn.ModuleList):
+            for layer in mod:
+                layer.compile()
+                n += 1
+    return n

@@ -37,6 +37,7 @@ class TrainConfig:
     loc_weight: float = 1.0  # weight of a `<loc>` target token relative to any other answer token in the loss
     mixed_precision: str = "no"  # "no", "bf16" or "fp16" (Accelerate)
     gradient_checkpointing: bool = False  # recompute activations in backward (saves memory)
+    compile_layers: bool = False  # torch.compile each decoder and vision-encoder layer (GPU; see vlm.model.compile_layers)
     save_every: int = 0  # checkpoint every K steps (0: only the final state)
     keep_checkpoints: int = 2  # how many step checkpoints to keep
     log_every: int = 5  # loss log interval (steps)
@@ -108,6 +109,47 @@ def token_loss(logits, labels, loc_start: int = -1, loc_sigma: float = 0.0, n_bi
     return nll.mean()
 
 
+def target_span(labels) -> int:
+    """How many trailing positions of a batch hold every supervised token and the one
+    before it (which predicts it): ``L - min(first supervised position) + 1``.
+
+    labels: int [B, L], -100 where unsupervised. Logits of the last ``target_span``
+    positions (``logits_to_keep``) are all the loss needs, and the 257k-way
+    vocabulary head is then not computed on the image and prompt positions.
+    """
+    length = int(labels.shape[1])
+    sup = labels != -100
+    rows = sup.any(dim=1)
+    if not bool(rows.any()):
+        return length
+    first = int(sup.int().argmax(dim=1)[rows].min())
+    return length - first + 1 if first > 0 else length
+
+
+def _lora_in_compute_dtype(model, mixed_precision: str):
+    """Under mixed precision, let LoRA layers take their bf16/fp16 input as it is.
+
+    NOTE: peft keeps adapter weights in fp32 and, by default, casts each LoRA
+    layer's input to fp32 first: a copy of every projection's input, and fp32
+    matrix products, in every layer. Under autocast the products run in the
+    compute dtype anyway, so the cast is only cost (on an H100 it took a fifth of
+    the GPU time of a PaliGemma 2 3B LoRA step; see benchmarks/bench_vlm_gpu.py).
+    The fp32 adapter weights stay the optimizer's master weights.
+    """
+    import contextlib
+
+    if mixed_precision == "no":
+        return contextlib.nullcontext()
+    try:
+        from peft.helpers import disable_input_dtype_casting
+    except ImportError:  # older peft: no such switch
+        return contextlib.nullcontext()
+    from accelerate.utils import extract_model_from_parallel
+
+    inner = extract_model_from_parallel(model)
+    return disable_input_dtype_casting(inner) if hasattr(inner, "peft_config") else contextlib.nullcontext()
+
+
 def batch_slots(step: int, batch_size: int, n: int, seed: int) -> list[int]:
     """Dataset positions (into the training index list, 0..n-1) of global batch `step`.
 
@@ -171,6 +213,10 @@ def train(
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         if hasattr(model, "enable_input_require_grads"):
             model.enable_input_require_grads()
+    if config.compile_layers:
+        from .model import compile_layers
+
+        compile_layers(model)
     params = [p for p in model.parameters() if p.requires_grad]
     if not params:
         raise ValueError("the model has no trainable parameters")
@@ -217,10 +263,13 @@ def train(
         batch = encode_batch(vlm.processor, samples, train=True)
         batch = {k: v.to(accelerator.device) for k, v in batch.items()}
         labels = batch.pop("labels")
-        with accelerator.autocast():
+        keep = target_span(labels)
+        with accelerator.autocast(), _lora_in_compute_dtype(model, config.mixed_precision):
             # NOTE: the loss is computed here, not by the model, so that loc targets
-            # can be smoothed; with loc_sigma=0 it equals the model's own loss.
-            loss = token_loss(model(**batch).logits, labels, loc_start, config.loc_sigma,
+            # can be smoothed; with loc_sigma=0 it equals the model's own loss. The
+            # vocabulary head runs on the positions that predict targets only.
+            logits = model(**batch, logits_to_keep=keep).logits
+            loss = token_loss(logits, labels[:, -keep:], loc_start, config.loc_sigma,
                               loc_weight=config.loc_weight)
         accelerator.backward(loss)
         if config.grad_clip:
