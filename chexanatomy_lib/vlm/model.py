@@ -395,7 +395,20 @@ def compile_layers(model) -> int:
     eager.
     """
     import torch
+    import torch._dynamo.config as dynamo_config
 
+    # NOTE: layers differ in integer attributes (their index, sliding or global
+    # attention); by default each difference is a recompilation, and past the
+    # recompile limit (8) the remaining layers silently run eager. Integers on
+    # modules are therefore left unspecialised and the limit raised above the depth.
+    if hasattr(dynamo_config, "allow_unspec_int_on_nn_module"):
+        dynamo_config.allow_unspec_int_on_nn_module = True
+    for limit in ("cache_size_limit", "recompile_limit"):
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, max(64, getattr(dynamo_config, limit)))
+    for limit in ("accumulated_cache_size_limit", "accumulated_recompile_limit"):
+        if hasattr(dynamo_config, limit):
+            setattr(dynamo_config, limit, max(512, getattr(dynamo_config, limit)))
     n = 0
     for name, mod in model.named_modules():
         if name.endswith(".layers") and isinstance(mod, torch.nn.ModuleList):
