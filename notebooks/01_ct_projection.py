@@ -333,6 +333,26 @@ for r in bench[-1:]:
 pd.DataFrame(bench_rows).round(3)
 
 # %% [markdown]
+# On a GPU (`device="cuda"`), the rays of a batch of images are traced together by
+# one compiled kernel; `benchmarks/bench_drr_gpu.py` measures it on the same CT and
+# geometry as this chapter. Its latest record, when present (radiograph and all
+# masks per image; "with host copy" includes packing the masks and copying them to
+# host memory, as synthesis stores them):
+
+# %%
+gpu = [r for r in load_records() if r.get("benchmark") == "drr_gpu"]
+gpu_rows = []
+for r in gpu[-1:]:
+    for key, v in r["render"].items():
+        kernel, size, batch = key.split("_")
+        gpu_rows.append({"size (px)": int(size), "batch": int(batch[1:]), "kernel": kernel,
+                         "images/s on the GPU": v["images_per_s"],
+                         "images/s with host copy": r["render_host"][key]["images_per_s"],
+                         "peak GPU memory (GB)": v["peak_gpu_gb"], "device": r["device"], "recorded": r["date"],
+                         "revision": r["revision"]})
+pd.DataFrame(gpu_rows).round(1)
+
+# %% [markdown]
 # ## What this run can and cannot show
 #
 # With the smoke profile the dataset comes from **one patient**. Every image is a
