@@ -6,8 +6,18 @@ Encoding (big_vision's ``refcoco_mask2str``): the object's tight box
 (antialiased bilinear, soft values in [0, 1]); the VQ-VAE's 16 codes.
 
 Decoding (big_vision's segmentation evaluator): pixel box
-``int(ymin*h), int(xmin*w), int(ymax*h), int(xmax*w)`` (truncation); the 64x64
-decoder output (in [-1, 1]) resized bilinearly into that box; inside = ``> 0``.
+``int(ymin*h), int(xmin*w), int(ymax*h), int(xmax*w)`` (truncation) of the box read
+from the location bins (``bin / 1023``); the 64x64 decoder output (in [-1, 1])
+resized bilinearly into that box; inside = ``> 0``.
+
+The ``"aligned"`` crop policy (ours) keeps the same box, location tokens and
+decoding, but crops the mask over the pixel box the decoder will paste into (the
+truncated box of the location bins) instead of the exact box. NOTE: rounding a
+pixel edge ``k / h`` to a bin and truncating ``bin / 1023 * h`` gives ``k`` or
+``k - 1``, so about half of the decoded edges sit one pixel up or left of the
+crop's; a tight crop is then pasted one pixel off, which costs a thin structure
+(a rib a few pixels thick) a large part of its Dice. Cropping over the decoded
+box puts every pixel back where it came from.
 
 Both resizes are done as batched separable linear maps (one ``[64, H]`` and one
 ``[64, W]`` weight matrix per mask), so a whole batch of masks with different
@@ -30,7 +40,36 @@ from .errors import CodecError
 from .tokens import box_to_loc_tokens, seg_tokens
 from .vqvae import MASK_SIZE, MaskVQVAE
 
-CropPolicy = Literal["tight", "padded"]
+CropPolicy = Literal["tight", "padded", "aligned"]
+CROP_POLICIES = ("tight", "padded", "aligned")
+
+
+def quantise_boxes(boxes: np.ndarray | torch.Tensor) -> torch.Tensor:
+    """Normalised boxes float [N, 4] -> the boxes their location tokens decode to, float64 [N, 4].
+
+    ``clip(round(v * 1023), 0, 1023) / 1023`` (half to even, as NumPy and the token writer).
+    """
+    b = torch.as_tensor(np.asarray(boxes) if not isinstance(boxes, torch.Tensor) else boxes)
+    return torch.clamp(torch.round(b.to(torch.float64) * 1023), 0, 1023) / 1023
+
+
+def pixel_boxes(boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
+    """Normalised boxes float64 [N, 4] -> big_vision's pixel box by truncation.
+
+    Returns ``(y0, x0, y1, x1, ok)``: int64 [N] each (``floor(v * size)`` of the box
+    clipped to [0, 1]) and bool [N], False where the box holds a NaN or collapses
+    (``y1 <= y0`` or ``x1 <= x0``).
+    """
+    b = boxes.to(torch.float64).reshape(-1, 4)
+    finite = torch.isfinite(b).all(1)
+    bb = torch.where(finite[:, None], b, torch.zeros_like(b)).clamp(0.0, 1.0)
+    y0 = torch.floor(bb[:, 0] * height).long()
+    x0 = torch.floor(bb[:, 1] * width).long()
+    y1 = torch.floor(bb[:, 2] * height).long()
+    x1 = torch.floor(bb[:, 3] * width).long()
+    return y0, x0, y1, x1, finite & (y1 > y0) & (x1 > x0)
+
+
 ResizePolicy = Literal["bilinear_aa", "nearest"]
 
 
@@ -96,9 +135,11 @@ class _NoModel:
 class MaskCodec:
     """One interface over a mask VQ-VAE (ours or the official one).
 
-    crop: ``"tight"`` (the object's box, as big_vision) or ``"padded"`` (box grown by
-        ``pad_px`` pixels on each side, clipped to the image: the reference
-        implementation's policy, kept for comparison).
+    crop: ``"tight"`` (the object's box, as big_vision), ``"aligned"`` (the same box
+        and location tokens, the crop taken over the pixel box the decoder pastes
+        into: see the module docstring) or ``"padded"`` (box grown by ``pad_px``
+        pixels on each side, clipped to the image: the reference implementation's
+        policy, kept for comparison).
     resize: ``"bilinear_aa"`` (soft crops, as big_vision) or ``"nearest"`` (nearest
         neighbour, binary crops: the reference implementation's policy).
     batch_size: masks per internal batch (bounds memory: ``batch * 64 * (H + W)`` floats).
@@ -106,8 +147,8 @@ class MaskCodec:
 
     def __init__(self, vqvae: MaskVQVAE, crop: CropPolicy = "tight", resize: ResizePolicy = "bilinear_aa",
                  pad_px: int = 10, batch_size: int = 256):
-        if crop not in ("tight", "padded"):
-            raise ValueError(f"crop must be 'tight' or 'padded'; got {crop!r}")
+        if crop not in CROP_POLICIES:
+            raise ValueError(f"crop must be one of {CROP_POLICIES}; got {crop!r}")
         if resize not in ("bilinear_aa", "nearest"):
             raise ValueError(f"resize must be 'bilinear_aa' or 'nearest'; got {resize!r}")
         self.vqvae = vqvae.eval()
@@ -118,12 +159,19 @@ class MaskCodec:
 
     @classmethod
     def ours(cls, directory: str | Path, **kw) -> "MaskCodec":
-        """Codec over a VQ-VAE saved by :meth:`MaskVQVAE.save` (e.g. chapter 2's ``vqvae/``)."""
+        """Codec over a VQ-VAE saved by :meth:`MaskVQVAE.save` (e.g. chapter 2's ``vqvae/``).
+
+        The crop and resize policies default to those its training crops were made
+        with (``training.json``'s ``"crop"`` and ``"resize"``; big_vision's when absent).
+        """
+        record = MaskVQVAE.training_record(directory)
+        kw.setdefault("crop", record.get("crop", "tight"))
+        kw.setdefault("resize", record.get("resize", "bilinear_aa"))
         return cls(MaskVQVAE.load(directory), **kw)
 
     @classmethod
     def official(cls, npz_path: str | Path, **kw) -> "MaskCodec":
-        """Codec over big_vision's ``vae-oid.npz`` (user-supplied)."""
+        """Codec over big_vision's ``vae-oid.npz`` (user-supplied; big_vision's tight crop by default)."""
         return cls(MaskVQVAE.load_official_npz(npz_path), **kw)
 
     def to(self, device: str | torch.device) -> "MaskCodec":
@@ -173,17 +221,14 @@ class MaskCodec:
         """Masks bool [N, H, W] -> the 64x64 VQ-VAE inputs float32 [N, 64, 64] in [0, 1].
 
         ``boxes`` (normalised float [N, 4]) default to :meth:`boxes_of`; the crop is
-        ``mask[round(h*ymin):round(h*ymax), round(w*xmin):round(w*xmax)]``.
+        ``mask[round(h*ymin):round(h*ymax), round(w*xmin):round(w*xmax)]``, or with
+        ``crop="aligned"`` the pixel box that the boxes' location bins decode to
+        (:func:`quantise_boxes`, :func:`pixel_boxes`; the rounded box where that collapses).
         """
         m = self._as_masks(masks)
         n, h, w = m.shape
         b = self.boxes_of(m) if boxes is None else torch.as_tensor(boxes, device=m.device, dtype=torch.float32)
-        # NOTE: the box is stored in float32; h * ymin is an exact integer for pixel-edge
-        # boxes up to a rounding error far below 0.5, so torch.round recovers the edge.
-        y0 = torch.round(b[:, 0].double() * h).long()
-        x0 = torch.round(b[:, 1].double() * w).long()
-        y1 = torch.maximum(torch.round(b[:, 2].double() * h).long(), y0 + 1)
-        x1 = torch.maximum(torch.round(b[:, 3].double() * w).long(), x0 + 1)
+        y0, x0, y1, x1 = self.crop_windows(b, h, w)
         # Work on the window of the largest box of the batch, not the whole image.
         hb = int((y1 - y0).max()) if n else 1
         wb = int((x1 - x0).max()) if n else 1
@@ -196,6 +241,22 @@ class MaskCodec:
         rx = resize_weights(zero, x1 - x0, wb, MASK_SIZE, self.resize)  # [N, 64, wb]
         crops = torch.bmm(torch.bmm(ry, win), rx.transpose(1, 2))
         return crops.clamp_(0.0, 1.0)
+
+    def crop_windows(self, boxes: torch.Tensor, height: int, width: int) -> tuple[torch.Tensor, ...]:
+        """Pixel windows ``(y0, x0, y1, x1)`` int64 [N] each, non-empty, of the crops of ``boxes``
+        (normalised float [N, 4]) in a ``height x width`` image, under this codec's crop policy."""
+        b = boxes.double()
+        # NOTE: the box is stored in float32; h * ymin is an exact integer for pixel-edge
+        # boxes up to a rounding error far below 0.5, so torch.round recovers the edge.
+        y0 = torch.round(b[:, 0] * height).long()
+        x0 = torch.round(b[:, 1] * width).long()
+        y1 = torch.maximum(torch.round(b[:, 2] * height).long(), y0 + 1)
+        x1 = torch.maximum(torch.round(b[:, 3] * width).long(), x0 + 1)
+        if self.crop == "aligned":
+            dy0, dx0, dy1, dx1, ok = pixel_boxes(quantise_boxes(b), height, width)
+            y0, x0 = torch.where(ok, dy0, y0), torch.where(ok, dx0, x0)
+            y1, x1 = torch.where(ok, dy1, y1), torch.where(ok, dx1, x1)
+        return y0, x0, y1, x1
 
     # ------------------------------------------------------------------ public API
     def encode(self, masks: np.ndarray | torch.Tensor) -> tuple[np.ndarray, np.ndarray]:
@@ -243,8 +304,7 @@ class MaskCodec:
         """
         m = self._as_masks(masks)
         boxes, codes = self.encode(m)
-        qboxes = np.clip(np.round(boxes.astype(np.float64) * 1023), 0, 1023) / 1023
-        return self.decode(qboxes, codes, m.shape[1], m.shape[2])
+        return self.decode(quantise_boxes(boxes).numpy(), codes, m.shape[1], m.shape[2])
 
     def instance_tokens(self, box: np.ndarray, codes: np.ndarray) -> str:
         """(box float [4] normalised, codes int [16]) -> ``"<loc×4><seg×16>"``."""
@@ -264,14 +324,11 @@ def paste_maps(maps: np.ndarray | torch.Tensor | None, boxes: np.ndarray | torch
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not isinstance(boxes, torch.Tensor) else boxes)
     b = b.to(torch.float64).reshape(-1, 4)
     out = torch.zeros((len(b), height, width), dtype=torch.bool)
-    finite = torch.isfinite(b).all(1)
-    bb = torch.where(finite[:, None], b, torch.zeros_like(b)).clamp(0.0, 1.0)
-    y0 = torch.floor(bb[:, 0] * height).long()
-    x0 = torch.floor(bb[:, 1] * width).long()
-    y1 = torch.floor(bb[:, 2] * height).long()
-    x1 = torch.floor(bb[:, 3] * width).long()
-    ok = finite & (y1 > y0) & (x1 > x0)
+    y0, x0, y1, x1, ok = pixel_boxes(b, height, width)
     idx = torch.nonzero(ok).flatten()
+    # NOTE: each mask is pasted into the window of its own box (not the whole image):
+    # batches of similar box size keep the windows small; the result is the same.
+    idx = idx[torch.argsort(((y1 - y0) * (x1 - x0))[idx], stable=True)]
     dev = torch.device(device)
     for s in range(0, len(idx), batch_size):
         sel = idx[s:s + batch_size]
@@ -281,12 +338,16 @@ def paste_maps(maps: np.ndarray | torch.Tensor | None, boxes: np.ndarray | torch
             m64 = torch.as_tensor(np.asarray(maps) if not isinstance(maps, torch.Tensor) else maps)[sel]
             m64 = m64.to(dev, torch.float32)
         ys, ye, xs, xe = (t[sel].to(dev) for t in (y0, y1, x0, x1))
+        hb, wb = int((ye - ys).max()), int((xe - xs).max())
+        zero = torch.zeros_like(ys)
         # Pasting resizes 64 samples onto the box span (PIL BILINEAR, as big_vision).
-        py = _paste_weights(ys, ye, height)
-        px = _paste_weights(xs, xe, width)
-        pasted = torch.bmm(torch.bmm(py, m64), px.transpose(1, 2))  # [n, H, W]
-        inside = _span_mask(ys, ye, height)[:, :, None] & _span_mask(xs, xe, width)[:, None, :]
-        out[sel] = ((pasted > 0) & inside).cpu()
+        py = _paste_weights(zero, ye - ys, hb)  # [n, hb, 64]
+        px = _paste_weights(zero, xe - xs, wb)  # [n, wb, 64]
+        win = torch.bmm(torch.bmm(py, m64), px.transpose(1, 2)) > 0  # [n, hb, wb]; zero outside the box
+        win = win.cpu()
+        for k, i in enumerate(sel.tolist()):
+            h_i, w_i = int(ye[k] - ys[k]), int(xe[k] - xs[k])
+            out[i, int(ys[k]):int(ye[k]), int(xs[k]):int(xe[k])] = win[k, :h_i, :w_i]
     return out.numpy()
 
 

@@ -13,7 +13,7 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from .mask_codec import MaskCodec, masks_to_crops, paste_maps
+from .mask_codec import MaskCodec, masks_to_crops, paste_maps, quantise_boxes
 
 #: Structure groups shown in chapter 2, by registry category or name prefix.
 GROUPS = {
@@ -72,7 +72,10 @@ def present_masks(dataset, indices: Sequence[int], structures: Sequence[str] | N
 
 def training_crops(dataset, split: str = "train", structures: Sequence[str] | None = None,
                    crop: str = "tight", resize: str = "bilinear_aa") -> tuple[np.ndarray, pd.DataFrame]:
-    """64x64 soft crops of every present mask of ``split``: (float32 [M, 64, 64] in [0, 1], table)."""
+    """64x64 soft crops of every present mask of ``split``: (float32 [M, 64, 64] in [0, 1], table).
+
+    ``crop`` and ``resize`` are :class:`MaskCodec` policies (train with the policy the codec encodes with).
+    """
     masks, table = present_masks(dataset, dataset.split_indices(split), structures)
     _, crops = masks_to_crops(masks, crop=crop, resize=resize)
     return crops, table
@@ -150,9 +153,37 @@ def box_only_masks(masks: np.ndarray) -> np.ndarray:
     return paste_maps(np.ones((len(masks), 64, 64), np.float32), boxes, h, w)
 
 
-def _quantised_boxes(masks: np.ndarray) -> np.ndarray:
-    boxes, _ = masks_to_crops(masks)
-    return np.clip(np.round(boxes.astype(np.float64) * 1023), 0, 1023) / 1023
+def _quantised_boxes(masks: np.ndarray, batch_size: int = 256) -> np.ndarray:
+    """Masks bool [N, H, W] (non-empty) -> the boxes their location tokens decode to, float64 [N, 4]."""
+    from .mask_codec import _NoModel
+
+    codec = MaskCodec(_NoModel("cpu"))  # type: ignore[arg-type]
+    boxes = [codec.boxes_of(masks[s:s + batch_size]) for s in range(0, len(masks), batch_size)]
+    return quantise_boxes(np.concatenate(boxes) if boxes else np.zeros((0, 4), np.float32)).numpy()
+
+
+def resize_only_masks(masks: np.ndarray, crop: str = "aligned", resize: str = "bilinear_aa") -> np.ndarray:
+    """Ceiling of a crop policy: masks bool [N, H, W] (non-empty) -> bool [N, H, W] after the
+    64x64 crop alone (no VQ-VAE) is pasted back into the location-token box (inside = crop > 0.5)."""
+    h, w = masks.shape[-2:]
+    boxes, crops = masks_to_crops(masks, crop=crop, resize=resize)
+    return paste_maps(2.0 * crops - 1.0, quantise_boxes(boxes).numpy(), h, w)
+
+
+def resize_only_scores(masks: np.ndarray, table: pd.DataFrame, crop: str = "aligned",
+                       resize: str = "bilinear_aa") -> pd.DataFrame:
+    """Dice and IoU of :func:`resize_only_masks` per mask: ``table`` plus ``dice``, ``iou``."""
+    return _score_frame(resize_only_masks(masks, crop, resize), masks, table)
+
+
+def _score_frame(rec: np.ndarray, masks: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
+    from ..evaluation.metrics import confusion_counts, dice_from_counts, iou_from_counts
+
+    tp, fp, fn = confusion_counts(rec, masks)
+    f = table.copy()
+    f["dice"] = dice_from_counts(tp, fp, fn)
+    f["iou"] = iou_from_counts(tp, fp, fn)
+    return f
 
 
 def template_masks(masks: np.ndarray, structures: Sequence[str], templates: dict[str, np.ndarray]) -> np.ndarray:
@@ -177,8 +208,6 @@ def roundtrip_scores(codecs: dict[str, MaskCodec | None], masks: np.ndarray, tab
     ``"box only"`` (and ``"mean template"`` when ``templates`` are given) is added as a baseline.
     masks: bool [M, H, W] non-empty; table: one row per mask (``structure`` column at least).
     """
-    from ..evaluation.metrics import confusion_counts, dice_from_counts, iou_from_counts
-
     routes: dict[str, np.ndarray] = {}
     for name, codec in codecs.items():
         if codec is not None:
@@ -186,14 +215,7 @@ def roundtrip_scores(codecs: dict[str, MaskCodec | None], masks: np.ndarray, tab
     routes["box only"] = box_only_masks(masks)
     if templates is not None:
         routes["mean template"] = template_masks(masks, table["structure"].tolist(), templates)
-    frames = []
-    for route, rec in routes.items():
-        tp, fp, fn = confusion_counts(rec, masks)
-        f = table.copy()
-        f["route"] = route
-        f["dice"] = dice_from_counts(tp, fp, fn)
-        f["iou"] = iou_from_counts(tp, fp, fn)
-        frames.append(f)
+    frames = [_score_frame(rec, masks, table.assign(route=route)) for route, rec in routes.items()]
     return pd.concat(frames, ignore_index=True)
 
 

@@ -309,6 +309,8 @@ class VQVAETrainConfig:
     batch_size: int = 128  # masks per step
     lr: float = 2e-3  # AdamW peak learning rate (cosine decay, 5% warmup)
     weight_decay: float = 0.0  # AdamW weight decay
+    grad_clip: float | None = 1.0  # global gradient-norm clip (None = no clipping)
+    mse_weight: float = 1.0  # weight of the squared error to the target 2 * m - 1
     commitment: float = 0.25  # beta of the commitment loss
     bce_weight: float = 0.0  # weight of a binary cross-entropy term on the decoder output (logits x 4)
     dice_weight: float = 0.0  # weight of a soft Dice loss on sigmoid(4 x decoder output), per crop
@@ -337,9 +339,11 @@ def train_vqvae(
     batch (e.g. to balance thin and large structures); None: uniform.
     A short plain-autoencoder warm-up (``ae_warmup``), then: the codebook initialised
     from encoder outputs, straight-through estimator for the encoder, EMA codebook (k-means-like updates),
-    commitment loss, dead-code restarts from current encoder outputs, MSE to the
-    target ``2 * m - 1``. Returns the model (eval mode, on ``device``) and a training
-    record (config, loss curve, codebook usage and perplexity, wall time).
+    commitment loss, dead-code restarts from current encoder outputs, and the
+    reconstruction loss of :func:`reconstruction_loss` (squared error to ``2 * m - 1``
+    plus optional cross-entropy and soft Dice terms; the warm-up uses it too).
+    Returns the model (eval mode, on ``device``) and a training record (config,
+    loss curve, codebook usage and perplexity, wall time).
     """
     mc = model_config or VQVAEConfig()
     tc = train_config or VQVAETrainConfig()
@@ -368,6 +372,29 @@ def draw_batch(n: int, batch_size: int, generator: torch.Generator, weights: tor
     if weights is None:
         return torch.randint(0, n, (batch_size,), generator=generator)
     return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
+
+
+def reconstruction_loss(recon: torch.Tensor, m: torch.Tensor, tc: VQVAETrainConfig
+                        ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Decoder output float [B, 64, 64] (inside = > 0) against soft crops m float [B, 64, 64] in [0, 1].
+
+    Returns (weighted loss, squared error to ``2 * m - 1``), both scalar tensors:
+    ``mse_weight`` x squared error + ``bce_weight`` x cross-entropy + ``dice_weight`` x (1 - soft Dice).
+    """
+    mse = F.mse_loss(recon, 2.0 * m - 1.0)
+    loss = tc.mse_weight * mse
+    if tc.bce_weight:
+        # NOTE: the decoder output is thresholded at 0; a cross-entropy on it (scaled
+        # so that +-1 maps to confident logits) weighs the sign at edges more than MSE.
+        loss = loss + tc.bce_weight * F.binary_cross_entropy_with_logits(4.0 * recon, m)
+    if tc.dice_weight:
+        # NOTE: MSE is dominated by the background of a thin structure's box; a soft
+        # Dice per crop weighs a rib's few inside pixels as much as a lung's many.
+        prob = torch.sigmoid(4.0 * recon)
+        inter = (prob * m).sum((1, 2))
+        soft_dice = (2 * inter + 1.0) / (prob.sum((1, 2)) + m.sum((1, 2)) + 1.0)
+        loss = loss + tc.dice_weight * (1.0 - soft_dice).mean()
+    return loss, mse
 
 
 def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool,
@@ -409,12 +436,13 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
             # NOTE: quantising from step 0 collapsed the codebook onto one code for the
             # first ~100 steps (an untrained encoder maps every crop to nearly the same
             # latent); a short autoencoder warm-up spreads the latents first.
-            rec = F.mse_loss(model.decode_latent(z), 2.0 * m - 1.0)
+            loss, rec = reconstruction_loss(model.decode_latent(z), m, tc)
             for g in opt.param_groups:
                 g["lr"] = lr_at(step)
             opt.zero_grad(set_to_none=True)
-            rec.backward()
-            torch.nn.utils.clip_grad_norm_(params, 1.0)
+            loss.backward()
+            if tc.grad_clip:
+                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
             opt.step()
             if step % 10 == 0:
                 history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": 0.0,
@@ -447,24 +475,14 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
         commit = F.mse_loss(flat, q)
         q_st = flat + (q - flat).detach()
         recon = model.decode_latent(q_st.reshape(z.shape[0], GRID, GRID, d).permute(0, 3, 1, 2))
-        rec = F.mse_loss(recon, 2.0 * m - 1.0)
-        loss = rec + tc.commitment * commit
-        if tc.bce_weight:
-            # NOTE: the decoder output is thresholded at 0; a cross-entropy on it (scaled
-            # so that +-1 maps to confident logits) weighs the sign at edges more than MSE.
-            loss = loss + tc.bce_weight * F.binary_cross_entropy_with_logits(4.0 * recon, m)
-        if tc.dice_weight:
-            # NOTE: MSE is dominated by the background of a thin structure's box; a soft
-            # Dice per crop weighs a rib's few inside pixels as much as a lung's many.
-            prob = torch.sigmoid(4.0 * recon)
-            inter = (prob * m).sum((1, 2))
-            soft_dice = (2 * inter + 1.0) / (prob.sum((1, 2)) + m.sum((1, 2)) + 1.0)
-            loss = loss + tc.dice_weight * (1.0 - soft_dice).mean()
+        loss, rec = reconstruction_loss(recon, m, tc)
+        loss = loss + tc.commitment * commit
         for g in opt.param_groups:
             g["lr"] = lr_at(step)
         opt.zero_grad(set_to_none=True)
         loss.backward()
-        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        if tc.grad_clip:
+            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
         opt.step()
         if step % 10 == 0 or step == tc.steps - 1:
             probs = counts / counts.sum()
