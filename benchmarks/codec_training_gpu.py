@@ -21,7 +21,7 @@ issue's targets can be split into what training time buys and what it does not.
 ``--data`` trains each configuration, encodes and decodes the held-out masks
 with the aligned crop, and writes one JSON record (mean round-trip Dice per
 structure group, training time, configuration, device, revision) to
-``records/codec_training_<device>.json`` and ``$OUT`` when set.
+``records/benchmarks/codec_training_<device>.json`` and ``$OUT`` when set.
 """
 
 from __future__ import annotations
@@ -109,7 +109,7 @@ def main() -> None:
     ap.add_argument("--export", nargs=2, metavar=("RUN_DIR", "OUT_NPZ"), help="write the data file and exit")
     ap.add_argument("--data", help="data file written by --export")
     ap.add_argument("--config", action="append", choices=sorted(CONFIGS), help="configurations to train (repeat)")
-    ap.add_argument("--out", help="record to write (default: records/codec_training_<device>.json)")
+    ap.add_argument("--out", help="record to write (default: records/benchmarks/codec_training_<device>.json)")
     args = ap.parse_args()
     if args.export:
         export(*args.export)
@@ -125,7 +125,7 @@ def main() -> None:
            "revision": os.environ.get("BENCH_REVISION", ""), "torch": torch.__version__,
            "targets_448": {"lungs": 0.97, "heart": 0.97, "ribs": 0.90}, "results": results}
     tag = "h100" if "H100" in name else "h200" if "H200" in name else device
-    out = Path(args.out) if args.out else ROOT / "records" / f"codec_training_{tag}.json"
+    out = Path(args.out) if args.out else ROOT / "records" / "benchmarks" / f"codec_training_{tag}.json"
     out.parent.mkdir(parents=True, exist_ok=True)
     out.write_text(json.dumps(rec, indent=2))
     if os.environ.get("OUT"):
