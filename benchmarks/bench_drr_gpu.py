@@ -30,10 +30,8 @@ from __future__ import annotations
 
 import argparse
 import datetime as dt
-import json
 import os
 import platform
-import subprocess
 import sys
 import time
 from pathlib import Path
@@ -43,6 +41,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from recording import revision, write_record  # noqa: E402
 FIELD_MM, SID_MM = 650.0, 1800.0
 
 
@@ -198,27 +199,13 @@ def main() -> None:
                            for s in ("lung_left", "lung_right", "heart") if s in names}}
     print("agreement with the CPU:", res["agreement"])
 
-    rev = os.environ.get("BENCH_REVISION", "")
-    if not rev:
-        try:
-            rev = subprocess.run(["git", "rev-parse", "--short", "HEAD"], cwd=ROOT, capture_output=True,
-                                 text=True).stdout.strip()
-        except OSError:
-            rev = ""
-    res.update(date=dt.date.today().isoformat(), revision=rev,
+    res.update(date=dt.date.today().isoformat(), revision=revision(),
                command="python benchmarks/bench_drr_gpu.py " + " ".join(sys.argv[1:]),
                machine={"gpu": name, "torch": torch.__version__, "python": platform.python_version(),
                         "cpu_count": os.cpu_count()})
     best = max(res["render"].items(), key=lambda kv: kv[1]["images_per_s"] if "_256_" in kv[0] else 0)
     res["summary"] = {"best_256": best[0], "images_per_s_256": best[1]["images_per_s"], "target_images_per_s": 500}
-    dev_tag = "h100" if "H100" in name else "h200" if "H200" in name else "gpu"
-    out = Path(args.out) if args.out else ROOT / "records" / "benchmarks" / f"drr_gpu_{dev_tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(res, indent=2))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(res, indent=2))
-    print(f"wrote {out}")
-
+    write_record(res, "drr_gpu", args.out)
 
 if __name__ == "__main__":
     main()

@@ -29,7 +29,6 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
-import os
 import sys
 import time
 from pathlib import Path
@@ -39,6 +38,9 @@ import torch
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+sys.path.insert(0, str(ROOT / "benchmarks"))
+
+from recording import revision, write_record  # noqa: E402
 
 #: named configurations: (VQVAEConfig kwargs, VQVAETrainConfig kwargs)
 CONFIGS = {
@@ -122,16 +124,9 @@ def main() -> None:
     results = [train_and_score(data, c, device) for c in (args.config or ["paper"])]
     rec = {"name": "codec_training", "kind": "recorded run", "date": dt.date.today().isoformat(),
            "command": "python benchmarks/codec_training_gpu.py " + " ".join(sys.argv[1:]), "device": name,
-           "revision": os.environ.get("BENCH_REVISION", ""), "torch": torch.__version__,
+           "revision": revision(), "torch": torch.__version__,
            "targets_448": {"lungs": 0.97, "heart": 0.97, "ribs": 0.90}, "results": results}
-    tag = "h100" if "H100" in name else "h200" if "H200" in name else device
-    out = Path(args.out) if args.out else ROOT / "records" / "benchmarks" / f"codec_training_{tag}.json"
-    out.parent.mkdir(parents=True, exist_ok=True)
-    out.write_text(json.dumps(rec, indent=2))
-    if os.environ.get("OUT"):
-        Path(os.environ["OUT"], out.name).write_text(json.dumps(rec, indent=2))
-    print(f"wrote {out}")
-
+    write_record(rec, "codec_training", args.out)
 
 if __name__ == "__main__":
     main()

@@ -397,6 +397,18 @@ def reconstruction_loss(recon: torch.Tensor, m: torch.Tensor, tc: VQVAETrainConf
     return loss, mse
 
 
+def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float,
+                    grad_clip: float | None) -> None:
+    """One optimiser step at learning rate ``lr``, gradients clipped to ``grad_clip`` (None: not clipped)."""
+    for g in opt.param_groups:
+        g["lr"] = lr
+    opt.zero_grad(set_to_none=True)
+    loss.backward()
+    if grad_clip:
+        torch.nn.utils.clip_grad_norm_(params, grad_clip)
+    opt.step()
+
+
 def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool,
            weights: torch.Tensor | None = None) -> tuple[MaskVQVAE, dict]:
     from tqdm.auto import tqdm
@@ -437,13 +449,7 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
             # first ~100 steps (an untrained encoder maps every crop to nearly the same
             # latent); a short autoencoder warm-up spreads the latents first.
             loss, rec = reconstruction_loss(model.decode_latent(z), m, tc)
-            for g in opt.param_groups:
-                g["lr"] = lr_at(step)
-            opt.zero_grad(set_to_none=True)
-            loss.backward()
-            if tc.grad_clip:
-                torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-            opt.step()
+            _optimizer_step(opt, loss, params, lr_at(step), tc.grad_clip)
             if step % 10 == 0:
                 history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": 0.0,
                                 "perplexity": float("nan"), "restarted": 0})
@@ -477,13 +483,7 @@ def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, pr
         recon = model.decode_latent(q_st.reshape(z.shape[0], GRID, GRID, d).permute(0, 3, 1, 2))
         loss, rec = reconstruction_loss(recon, m, tc)
         loss = loss + tc.commitment * commit
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step)
-        opt.zero_grad(set_to_none=True)
-        loss.backward()
-        if tc.grad_clip:
-            torch.nn.utils.clip_grad_norm_(params, tc.grad_clip)
-        opt.step()
+        _optimizer_step(opt, loss, params, lr_at(step), tc.grad_clip)
         if step % 10 == 0 or step == tc.steps - 1:
             probs = counts / counts.sum()
             perplexity = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
