@@ -1,13 +1,20 @@
-"""How far the mask VQ-VAE gets with the paper profile's training budget (GPU).
+"""How far the mask VQ-VAE gets with more training, or with more than the token format allows.
 
     python benchmarks/codec_training_gpu.py --export runs/smoke codec_data.npz          # where chapters 1-2 ran
-    python benchmarks/codec_training_gpu.py --data codec_data.npz --config paper --config smoke-widths
+    python benchmarks/codec_training_gpu.py --data codec_data.npz --config paper --config smoke-widths   # GPU
+    python benchmarks/codec_training_gpu.py --data codec_data.npz --config smoke --config smoke-k512 \
+        --config smoke-k2048 --config smoke-autoencoder                                  # CPU, minutes
 
 Chapter 2 trains its VQ-VAE for about half a minute on the CPU. This script
 trains it with the ``02_token_codec`` settings of ``notebooks/profiles/paper.yaml``
 (or other named configurations) on a GPU and scores the round trip on the same
 held-out masks as chapter 2, so that the gap between the smoke run and the
 issue's targets can be split into what training time buys and what it does not.
+Two diagnostics go beyond the format, at the smoke profile's widths and budget:
+codebooks of 512 and 2,048 entries (9 and 11 bits per grid cell instead of
+PaliGemma's 7), and the same network trained and scored without quantisation
+(the 4x4 latent passed on as it is), which bounds what any 128-entry codebook
+on this encoder and decoder can reach.
 
 ``--export`` writes, from a run directory:
 
@@ -42,6 +49,8 @@ sys.path.insert(0, str(ROOT / "benchmarks"))
 
 from recording import revision, write_record  # noqa: E402
 
+from chexanatomy_lib.provenance import device_info  # noqa: E402
+
 #: named configurations: (VQVAEConfig kwargs, VQVAETrainConfig kwargs)
 CONFIGS = {
     # notebooks/profiles/paper.yaml, 02_token_codec (embedding_dim and the loss as the notebook's defaults)
@@ -53,6 +62,14 @@ CONFIGS = {
     # the smoke profile itself (a check that this script reproduces chapter 2)
     "smoke": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64},
               {"steps": 500, "batch_size": 32, "lr": 0.006}),
+    # diagnostics beyond the token format (PaliGemma has 128 seg tokens): more bits per cell ...
+    "smoke-k512": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64,
+                    "num_embeddings": 512}, {"steps": 500, "batch_size": 32, "lr": 0.006}),
+    "smoke-k2048": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64,
+                     "num_embeddings": 2048}, {"steps": 500, "batch_size": 32, "lr": 0.006}),
+    # ... and no quantisation at all: a plain autoencoder with the same 4x4 latent
+    "smoke-autoencoder": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8),
+                           "embedding_dim": 64}, {"steps": 500, "batch_size": 32, "lr": 0.006, "ae_warmup": 1.0}),
 }
 COMMON_TRAIN = {"commitment": 0.25, "dice_weight": 1.0, "restart_every": 25}
 SIZE = 448
@@ -79,11 +96,23 @@ def export(run_dir: str, out: str, seed: int = 0, n_images: int = 4) -> None:
     print(f"wrote {out}: {len(crops)} training crops, {len(rows)} held-out masks at {SIZE} px")
 
 
+def autoencoder_roundtrip(codec, masks: np.ndarray) -> np.ndarray:
+    """Masks bool [N, H, W] -> bool [N, H, W] through the codec's crop, encoder, decoder and paste,
+    the 4x4 latent passed on unquantised (location bins as the codec's round trip)."""
+    from chexanatomy_lib.codec.mask_codec import paste_maps, quantise_boxes
+
+    boxes = codec.boxes_of(masks)
+    with torch.no_grad():
+        maps = codec.vqvae.decode_latent(codec.vqvae.encode_latent(codec.crops_64(masks, boxes))).clamp(-1, 1)
+    return paste_maps(maps.cpu(), quantise_boxes(boxes.cpu()).numpy(), masks.shape[1], masks.shape[2])
+
+
 def train_and_score(data: dict, name: str, device: str) -> dict:
     import pandas as pd
 
     from chexanatomy_lib.codec import MaskCodec, VQVAEConfig, VQVAETrainConfig, train_vqvae
     from chexanatomy_lib.codec.quality import roundtrip_scores
+    from chexanatomy_lib.evaluation.metrics import dice
 
     model_kw, train_kw = CONFIGS[name]
     crops = data["crops"].astype(np.float32) / 255.0
@@ -93,11 +122,17 @@ def train_and_score(data: dict, name: str, device: str) -> dict:
     train_s = time.perf_counter() - t
     masks = np.unpackbits(data["masks"], axis=-1, count=int(data["mask_shape"][-1])).astype(bool)
     table = pd.DataFrame({"structure": data["structures"], "group": data["groups"]})
-    scores = roundtrip_scores({"ours": MaskCodec(vqvae, crop="aligned")}, masks, table)
-    ours = scores[scores["route"] == "ours"]
+    codec = MaskCodec(vqvae, crop="aligned")
+    quantised = train_kw.get("ae_warmup", 0.0) < 1.0
+    if quantised:
+        scores = roundtrip_scores({"ours": codec}, masks, table)
+        ours = scores[scores["route"] == "ours"]
+    else:
+        ours = table.assign(dice=dice(autoencoder_roundtrip(codec, masks), masks))
     by_group = ours.groupby("group")["dice"].mean()
     res = {"config": name, "model": {k: list(v) if isinstance(v, tuple) else v for k, v in model_kw.items()},
-           "train": {**train_kw, **COMMON_TRAIN}, "train_s": train_s,
+           "train": {**train_kw, **COMMON_TRAIN}, "train_s": train_s, "quantised": quantised,
+           "codebook_size": int(model_kw.get("num_embeddings", 128)) if quantised else None,
            "n_parameters": int(sum(p.numel() for p in vqvae.parameters())),
            "codebook_perplexity": record.get("codebook_perplexity"),
            "roundtrip_dice_448": {g: float(v) for g, v in by_group.items()},
@@ -124,7 +159,7 @@ def main() -> None:
     results = [train_and_score(data, c, device) for c in (args.config or ["paper"])]
     rec = {"name": "codec_training", "kind": "recorded run", "date": dt.date.today().isoformat(),
            "command": "python benchmarks/codec_training_gpu.py " + " ".join(sys.argv[1:]), "device": name,
-           "revision": revision(), "torch": torch.__version__,
+           "revision": revision(), "torch": torch.__version__, "machine": device_info(),
            "targets_448": {"lungs": 0.97, "heart": 0.97, "ribs": 0.90}, "results": results}
     write_record(rec, "codec_training", args.out)
 
