@@ -52,24 +52,21 @@ from recording import revision, write_record  # noqa: E402
 from chexanatomy_lib.provenance import device_info  # noqa: E402
 
 #: named configurations: (VQVAEConfig kwargs, VQVAETrainConfig kwargs)
+SMOKE_MODEL = {"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64}
+SMOKE_TRAIN = {"steps": 500, "batch_size": 32, "lr": 0.006}
 CONFIGS = {
     # notebooks/profiles/paper.yaml, 02_token_codec (embedding_dim and the loss as the notebook's defaults)
     "paper": ({"enc_channels": (16, 32, 64, 128), "dec_channels": (128, 128, 64, 32, 16), "embedding_dim": 64},
               {"steps": 20000, "batch_size": 256, "lr": 0.003}),
     # the smoke profile's widths, trained as long as the paper profile
-    "smoke-widths": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64},
-                     {"steps": 20000, "batch_size": 256, "lr": 0.003}),
+    "smoke-widths": (SMOKE_MODEL, {"steps": 20000, "batch_size": 256, "lr": 0.003}),
     # the smoke profile itself (a check that this script reproduces chapter 2)
-    "smoke": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64},
-              {"steps": 500, "batch_size": 32, "lr": 0.006}),
+    "smoke": (SMOKE_MODEL, SMOKE_TRAIN),
     # diagnostics beyond the token format (PaliGemma has 128 seg tokens): more bits per cell ...
-    "smoke-k512": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64,
-                    "num_embeddings": 512}, {"steps": 500, "batch_size": 32, "lr": 0.006}),
-    "smoke-k2048": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8), "embedding_dim": 64,
-                     "num_embeddings": 2048}, {"steps": 500, "batch_size": 32, "lr": 0.006}),
+    "smoke-k512": ({**SMOKE_MODEL, "num_embeddings": 512}, SMOKE_TRAIN),
+    "smoke-k2048": ({**SMOKE_MODEL, "num_embeddings": 2048}, SMOKE_TRAIN),
     # ... and no quantisation at all: a plain autoencoder with the same 4x4 latent
-    "smoke-autoencoder": ({"enc_channels": (8, 16, 32, 64), "dec_channels": (64, 64, 32, 16, 8),
-                           "embedding_dim": 64}, {"steps": 500, "batch_size": 32, "lr": 0.006, "ae_warmup": 1.0}),
+    "smoke-autoencoder": (SMOKE_MODEL, {**SMOKE_TRAIN, "ae_warmup": 1.0}),
 }
 COMMON_TRAIN = {"commitment": 0.25, "dice_weight": 1.0, "restart_every": 25}
 SIZE = 448
@@ -89,7 +86,8 @@ def export(run_dir: str, out: str, seed: int = 0, n_images: int = 4) -> None:
     render_idx = np.sort(rng.choice(test_idx, min(n_images, len(test_idx)), replace=False))
     sized, rows = rerendered_masks(ds, manifest, render_idx, [SIZE])
     groups = group_of(list(ds.structures))
-    np.savez_compressed(out, crops=np.round(crops * 255).astype(np.uint8),
+    smoothing = float(ds.meta.get("render_settings", {}).get("mask_smoothing_mm", 0.0))
+    np.savez_compressed(out, crops=np.round(crops * 255).astype(np.uint8), mask_smoothing_mm=smoothing,
                         masks=np.packbits(sized[SIZE], axis=-1), mask_shape=np.array(sized[SIZE].shape),
                         structures=np.array(rows["structure"].tolist()),
                         groups=np.array([groups[s] for s in rows["structure"]]))
@@ -160,6 +158,7 @@ def main() -> None:
     rec = {"name": "codec_training", "kind": "recorded run", "date": dt.date.today().isoformat(),
            "command": "python benchmarks/codec_training_gpu.py " + " ".join(sys.argv[1:]), "device": name,
            "revision": revision(), "torch": torch.__version__, "machine": device_info(),
+           "mask_smoothing_mm": float(data.get("mask_smoothing_mm", 0.0)),
            "targets_448": {"lungs": 0.97, "heart": 0.97, "ribs": 0.90}, "results": results}
     write_record(rec, "codec_training", args.out)
 

@@ -382,13 +382,18 @@ pd.Series(metrics).round(3)
 # 256 crops), and, at this chapter's widths and budget, with codebooks of 512 and
 # 2,048 entries (more than PaliGemma's 128 seg tokens allow: a diagnostic only)
 # and without quantisation at all (the same encoder and decoder as a plain
-# autoencoder, the 4×4 latent passed on as it is). The latest recorded runs, when
-# present, beside the targets:
+# autoencoder, the 4×4 latent passed on as it is). The recorded runs on masks
+# projected like this run's (the same `mask_smoothing_mm` in chapter 1), beside
+# the targets:
 
 # %%
-longer = []
+smoothing = float(dataset.meta.get("render_settings", {}).get("mask_smoothing_mm", 0.0))
+longer, other_masks = [], 0
 for r in load_records():
     if r.get("name") != "codec_training":
+        continue
+    if float(r.get("mask_smoothing_mm", 0.0)) != smoothing:
+        other_masks += 1
         continue
     for x in r["results"]:
         longer.append({"config": x["config"], "codebook": x.get("codebook_size", 128) or "none (autoencoder)",
@@ -397,6 +402,8 @@ for r in load_records():
                        **{f"{g} Dice": x["roundtrip_dice_448"].get(g) for g in ("lungs", "heart", "ribs")},
                        "device": r["device"], "recorded": r["date"], "revision": r["revision"]})
 longer = pd.DataFrame(longer)
+if other_masks:
+    print(f"{other_masks} recorded run(s) on masks with another mask smoothing are not shown")
 if len(longer):
     for g in ("heart", "ribs"):
         row = longer.loc[longer[f"{g} Dice"].idxmax()]

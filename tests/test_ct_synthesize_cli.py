@@ -51,6 +51,10 @@ def test_cli_shards_merge_into_the_chapters_dataset(profile, tmp_path, capsys):
     # what the chapter renders itself from the same parameters
     params = stage_parameters(STAGES["01_ct_projection"], load_profile(profile))
     args = synthesis_arguments(params)
+    assert args["settings"].mask_smoothing_mm == params["mask_smoothing_mm"]
+    assert synthesis_arguments({**params, "mask_smoothing_mm": 1.5})["settings"].mask_smoothing_mm == 1.5
+    older = {k: v for k, v in params.items() if k != "mask_smoothing_mm"}  # parameters from before the setting
+    assert synthesis_arguments(older)["settings"].mask_smoothing_mm == 0.0
     whole = ProjectedDataset(synthesize_dataset(load_manifest(params["manifest"]), tmp_path / "whole",
                                                 progress=False, **args))
     a, b = whole.index.set_index("image_id"), merged.index.set_index("image_id")

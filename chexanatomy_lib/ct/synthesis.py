@@ -8,7 +8,9 @@ any row of such a dataset again, at any resolution.
 
 A structure's mask is the set of pixels whose ray runs more than
 ``mask_threshold_mm`` through it (through the union of its members for a
-derived structure such as ``lung_left``). Per image and structure two flags are
+derived structure such as ``lung_left``), anti-aliased when
+``mask_smoothing_mm`` > 0 (:func:`~chexanatomy_lib.ct.projector.smooth_masks`:
+the voxel staircase of the labels becomes a smooth outline). Per image and structure two flags are
 stored: *absent* (the mask is empty) and *truncated* (the structure is cut by
 the CT volume's edge where that edge bounds the projection, or its mask touches
 the image border), so scores can leave out partial targets.
@@ -40,6 +42,7 @@ class RenderSettings:
     working_spacing_mm: float = 2.0  # isotropic voxel size the CT is resampled to (mm)
     step_mm: float = 1.0  # ray-marching step (mm)
     mask_threshold_mm: float = 3.0  # a pixel is in a structure when its ray crosses > this (mm)
+    mask_smoothing_mm: float = 0.0  # anti-aliasing: Gaussian sigma (mm at the isocentre) of a blur-and-rethreshold of each mask
     mu_water: float = MU_WATER_PER_MM  # attenuation of water (1/mm)
     detector: DetectorModel = field(default_factory=DetectorModel)  # intensity, noise, contrast
 
@@ -51,6 +54,8 @@ class RenderSettings:
                 raise ValueError(f"{name} must be > 0, got {getattr(self, name)}")
         if not self.mask_threshold_mm >= 0:
             raise ValueError(f"mask_threshold_mm must be >= 0, got {self.mask_threshold_mm}")
+        if not self.mask_smoothing_mm >= 0:
+            raise ValueError(f"mask_smoothing_mm must be >= 0, got {self.mask_smoothing_mm}")
 
     @property
     def pixel_spacing_mm(self) -> float:
@@ -138,8 +143,8 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
     """
     import torch
 
-    from .geometry import patient_ray_grid
-    from .projector import RayMarcher
+    from .geometry import magnification, patient_ray_grid
+    from .projector import RayMarcher, smooth_masks
 
     if len(views) != len(poses):
         raise ValueError(f"{len(views)} views for {len(poses)} poses")
@@ -162,6 +167,9 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
         member[g, s] = 1.0
     lengths = path @ member  # [B, H*W, S] mm through each structure
     masks = (lengths > settings.mask_threshold_mm).transpose(1, 2).reshape(b, len(groups), n, n)
+    if settings.mask_smoothing_mm > 0:
+        sigmas = [settings.mask_smoothing_mm * magnification(det, p) / settings.pixel_spacing_mm for p in poses]
+        masks = torch.stack([smooth_masks(masks[k], s) for k, s in enumerate(sigmas)])
     absent = ~masks.flatten(2).any(dim=2)
     border = masks[:, :, 0, :].any(2) | masks[:, :, -1, :].any(2) | masks[:, :, :, 0].any(2) | masks[:, :, :, -1].any(2)
     absent, border = absent.cpu().numpy(), border.cpu().numpy()
@@ -428,7 +436,7 @@ def synthesis_arguments(params: dict[str, Any]) -> dict[str, Any]:
     ``translation_mm``, ``rotation_deg``, ``n_copies``, ``poses_per_copy``,
     ``deform_amplitude_mm``, ``scale_range``, ``control_points``,
     ``photons_per_pixel``, ``gamma``, ``mask_threshold_mm``,
-    ``working_spacing_mm``, ``step_mm``, ``split_fractions``, ``seed``, and
+    ``mask_smoothing_mm`` (0 when missing), ``working_spacing_mm``, ``step_mm``, ``split_fractions``, ``seed``, and
     ``device`` when given). The chapter and ``chexanatomy synthesize --shard
     i/n`` both build their datasets through this one mapping, so shards rendered
     on other machines are the chapter's dataset, image for image.
@@ -438,6 +446,7 @@ def synthesis_arguments(params: dict[str, Any]) -> dict[str, Any]:
         image_size=int(p["image_size"]), field_mm=float(p["field_mm"]), sid_mm=float(p["sid_mm"]),
         working_spacing_mm=float(p["working_spacing_mm"]), step_mm=float(p["step_mm"]),
         mask_threshold_mm=float(p["mask_threshold_mm"]),
+        mask_smoothing_mm=float(p.get("mask_smoothing_mm", 0.0)),
         detector=DetectorModel(photons_per_pixel=p["photons_per_pixel"], gamma=float(p["gamma"])))
     pose_ranges = PoseRanges(translation_mm=tuple(p["translation_mm"]), rotation_deg=tuple(p["rotation_deg"]),
                              sod_mm=tuple(p["sod_range_mm"]))
