@@ -62,6 +62,8 @@ CONFIGS = {
     "smoke-widths": (SMOKE_MODEL, {"steps": 20000, "batch_size": 256, "lr": 0.003}),
     # the smoke profile itself (a check that this script reproduces chapter 2)
     "smoke": (SMOKE_MODEL, SMOKE_TRAIN),
+    # ... trained twice as long (about a minute on two CPU cores)
+    "smoke-1000": (SMOKE_MODEL, {**SMOKE_TRAIN, "steps": 1000}),
     # diagnostics beyond the token format (PaliGemma has 128 seg tokens): more bits per cell ...
     "smoke-k512": ({**SMOKE_MODEL, "num_embeddings": 512}, SMOKE_TRAIN),
     "smoke-k2048": ({**SMOKE_MODEL, "num_embeddings": 2048}, SMOKE_TRAIN),
