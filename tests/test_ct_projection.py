@@ -278,7 +278,7 @@ def test_smooth_masks_equals_blurring_the_whole_image():
 
 def test_mask_smoothing_brings_a_voxelised_sphere_closer_to_its_true_outline():
     """Read voxel by voxel, a sphere projects as a staircase; smoothing by one working voxel
-    (the chapter's default) makes the mask agree better with the disc it should be, and
+    (the calibrated value) makes the mask agree better with the disc it should be, and
     better than half a voxel or one and a half."""
     source = SourceCT.from_case(_case(make_phantom(SHAPE, SPACING)))
     vol = make_working_volume(source, 2.0)
