@@ -403,7 +403,8 @@ for r in load_records():
                        "device": r["device"], "recorded": r["date"], "revision": r["revision"]})
 longer = pd.DataFrame(longer)
 if other_masks:
-    print(f"{other_masks} recorded run(s) on masks with another mask smoothing are not shown")
+    print(f"{other_masks} recorded run(s) on masks with another mask smoothing (chapter 1's mask_smoothing_mm) "
+          "are not shown; benchmarks/README.md describes them")
 if len(longer):
     for g in ("heart", "ribs"):
         row = longer.loc[longer[f"{g} Dice"].idxmax()]
@@ -440,6 +441,12 @@ longer.round(3)
 # training and wider networks close that gap on these crops is what the recorded
 # GPU run above measures; on a real cohort the paper profile's own run, not this
 # text, says whether the targets are met.
+# Part of what the codec loses on ribs is not anatomy: read voxel by voxel, a label
+# projects as a staircase of 2 mm voxel faces, and a rib a few pixels thick gets
+# ragged edges that 16 codes cannot follow. Chapter 1's `mask_smoothing_mm`
+# anti-aliases the masks (off in the smoke profile, on in the paper profile); the
+# recorded run on anti-aliased masks in `benchmarks/README.md` measures how much of
+# the rib gap that closes.
 # The numbers say nothing about other patients.
 # Clavicles are cut by the bundled CT's field of view in most images and are then
 # left out as truncated, so the smoke run usually has no clavicle score. The
