@@ -10,8 +10,8 @@ A structure's mask is the set of pixels whose ray runs more than
 ``mask_threshold_mm`` through it (through the union of its members for a
 derived structure such as ``lung_left``), anti-aliased when
 ``mask_smoothing_mm`` > 0 (:func:`~chexanatomy_lib.ct.projector.smooth_masks`:
-the voxel staircase of the labels becomes a smooth outline). Per image and structure two flags are
-stored: *absent* (the mask is empty) and *truncated* (the structure is cut by
+the voxel staircase of the labels becomes a smooth outline). Per image and
+structure two flags are stored: *absent* (the mask is empty) and *truncated* (the structure is cut by
 the CT volume's edge where that edge bounds the projection, or its mask touches
 the image border), so scores can leave out partial targets.
 """
