@@ -80,3 +80,59 @@ def test_loc_slots_only_allow_a_larger_max(untrained):
     first = g(torch.tensor([[5, 6, 7]]), torch.zeros(1, v))  # y0 may not be the last bin
     ok = torch.isfinite(first[0]).nonzero().flatten() - loc0
     assert ok.min().item() == 0 and ok.max().item() == 1022
+
+
+def _grammar(untrained, loc_rule):
+    from chexanatomy_lib.vlm.decode import SegmentGrammar
+
+    tok = untrained.processor.tokenizer
+    loc0 = tok.convert_tokens_to_ids("<loc0000>")
+    seg0 = tok.convert_tokens_to_ids("<seg000>")
+    plan = grammar_plan(tok, ["heart"])
+    return SegmentGrammar(plan, prompt_len=3, loc_start=loc0, seg_start=seg0, pad_id=tok.pad_token_id,
+                          loc_rule=loc_rule), loc0, len(tok)
+
+
+def _loc_scores(loc0, v, mass: dict[int, float]):
+    import torch
+
+    scores = torch.full((1, v), -30.0)
+    for b, p in mass.items():
+        scores[0, loc0 + b] = float(np.log(p))
+    return scores
+
+
+def test_median_rule_reads_the_median_loc_bin_not_the_mode(untrained):
+    import torch
+
+    # mass 0.3 at bin 100, 0.3 at 200, 0.4 at 300: mode 300, median 200
+    mass = {100: 0.3, 200: 0.3, 300: 0.4}
+    for rule, expected in (("greedy", 300), ("median", 200)):
+        g, loc0, v = _grammar(untrained, rule)
+        out = g(torch.tensor([[5, 6, 7]]), _loc_scores(loc0, v, mass))
+        assert out[0].argmax().item() - loc0 == expected, rule
+    g, loc0, v = _grammar(untrained, "median")
+    out = g(torch.tensor([[5, 6, 7]]), _loc_scores(loc0, v, mass))
+    assert torch.isfinite(out[0]).sum().item() == 1  # the median is the only choice left
+
+
+def test_median_rule_respects_the_box_constraint(untrained):
+    import torch
+
+    g, loc0, v = _grammar(untrained, "median")
+    # y0 = 700 generated; most mass lies below 700 (disallowed for y1): the median of the allowed bins
+    mass = {100: 0.5, 650: 0.2, 710: 0.05, 800: 0.05, 900: 0.2}
+    out = g(torch.tensor([[5, 6, 7, loc0 + 700, loc0 + 10]]), _loc_scores(loc0, v, mass))
+    assert out[0].argmax().item() - loc0 == 900 and torch.isfinite(out[0]).sum().item() == 1
+    # seg slots are untouched by the rule: all 128 codes stay allowed
+    plan_seg = g.plan.index(SEG)
+    ids = torch.tensor([[5, 6, 7] + [loc0 + 1] * plan_seg])
+    seg = g(ids, torch.zeros(1, v))
+    assert torch.isfinite(seg[0]).sum().item() == 128
+
+
+def test_median_decoding_is_valid_and_an_unknown_rule_is_refused(untrained):
+    decoded = generate_segment(untrained, _images(2), NAMES[:3], constrained=True, loc_rule="median")
+    assert invalid_rate(decoded) == 0.0
+    with pytest.raises(ValueError, match="loc_rule"):
+        generate_segment(untrained, _images(1), NAMES[:1], loc_rule="mean")

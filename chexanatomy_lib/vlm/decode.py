@@ -7,6 +7,14 @@ after the last). Only the loc and seg tokens are free choices, so the grammar is
 a fixed sequence of slots that a `LogitsProcessor` enforces by masking logits.
 All structures of one image are asked in one sequence, so the image prefix is
 encoded once per image.
+
+Within the grammar a box coordinate is read from the model's distribution over
+the allowed `<loc>` bins by one of `LOC_RULES`: ``"greedy"`` takes its mode,
+``"median"`` its median bin. The bins are ordered (a coordinate is a position on a
+line), so the median is the choice with the least expected absolute error in bins;
+a model that is unsure spreads its mass over neighbouring bins, and the mode of a
+broad distribution jumps with small changes of the logits while its median does not.
+Segmentation tokens are categorical (codebook entries have no order) and stay greedy.
 """
 
 from __future__ import annotations
@@ -19,6 +27,8 @@ import numpy as np
 # Slot kinds of the grammar plan (non-negative entries are forced token ids).
 Y0, X0, Y1, X1, SEG = -1, -2, -3, -4, -5
 _LOC_ORDER = (Y0, X0, Y1, X1)
+#: How a box coordinate is read from the distribution over allowed `<loc>` bins.
+LOC_RULES = ("greedy", "median")
 
 
 def grammar_plan(tokenizer, names: Sequence[str]) -> list[int]:
@@ -61,9 +71,15 @@ class SegmentGrammar(_logits_processor_base()):
     prompt_len: length of the (left-padded) prompt ids given to `generate`.
     loc_start / seg_start: ids of `<loc0000>` and `<seg000>`.
     pad_id: forced once the plan is complete (rows stay aligned).
+    loc_rule: one of `LOC_RULES`; ``"median"`` leaves one allowed token at a loc slot,
+    the median bin of the softmax over the allowed bins.
     """
 
-    def __init__(self, plan: Sequence[int], prompt_len: int, loc_start: int, seg_start: int, pad_id: int):
+    def __init__(self, plan: Sequence[int], prompt_len: int, loc_start: int, seg_start: int, pad_id: int,
+                 loc_rule: str = "greedy"):
+        if loc_rule not in LOC_RULES:
+            raise ValueError(f"loc_rule must be one of {LOC_RULES}, got {loc_rule!r}")
+        self.loc_rule = loc_rule
         self.plan = list(plan)
         self.prompt_len = int(prompt_len)
         self.loc_start = int(loc_start)
@@ -88,7 +104,29 @@ class SegmentGrammar(_logits_processor_base()):
             bins = torch.arange(1024, device=scores.device)
             ok = bins[None, :] >= lo[:, None].clamp(1, 1023)
             allowed[:, L:L + 1024] = ok
-        return scores.masked_fill(~allowed, float("-inf"))
+        scores = scores.masked_fill(~allowed, float("-inf"))
+        if self.loc_rule == "median" and slot in _LOC_ORDER:
+            scores = _force_median_bin(scores, L)
+        return scores
+
+
+def _force_median_bin(scores, loc_start: int):
+    """Scores float [B, V] (disallowed = -inf) -> only the median `<loc>` bin of each row left finite.
+
+    The median is the first bin where the cumulative softmax over the 1,024 loc
+    scores reaches one half; it is an allowed bin because disallowed ones carry no mass.
+    """
+    import torch
+
+    loc = scores[:, loc_start:loc_start + 1024].float()
+    cdf = torch.softmax(loc, dim=-1).cumsum(dim=-1)
+    # NOTE: float rounding can leave the last cumulative value just under 0.5 only for
+    # a row whose mass is all in the last bin; the clamp keeps that bin.
+    median = (cdf < 0.5).sum(dim=-1).clamp(max=1023)
+    rows = torch.arange(scores.shape[0], device=scores.device)
+    out = torch.full_like(scores, float("-inf"))
+    out[rows, loc_start + median] = scores[rows, loc_start + median]
+    return out
 
 
 @dataclass
@@ -113,12 +151,14 @@ def generate_segment(
     batch_size: int = 16,
     device: str | None = None,
     progress: bool = False,
+    loc_rule: str = "median",
 ) -> list[Decoded]:
     """Greedy decoding of ``"segment " + " ; ".join(names)`` for each image.
 
     images: float [H, W] grey in [0, 1] (or [H, W, 3]); any size (the processor resizes).
     names: names to request (prompt text, e.g. display names), the same for every image.
     constrained: enforce the grammar (`SegmentGrammar`); False = free greedy decoding.
+    loc_rule: how a constrained box coordinate is read (`LOC_RULES`); free decoding is greedy throughout.
     Returns one `Decoded` per image; malformed free output never raises (it is
     reported as invalid instances by the parser).
     """
@@ -128,6 +168,8 @@ def generate_segment(
     from ..codec.tokens import format_prompt, parse_output
     from .tasks import Sample, encode_batch, grey_to_rgb
 
+    if loc_rule not in LOC_RULES:
+        raise ValueError(f"loc_rule must be one of {LOC_RULES}, got {loc_rule!r}")
     tok = vlm.processor.tokenizer
     model = vlm.model
     dev = torch.device(device) if device else next(model.parameters()).device
@@ -150,7 +192,7 @@ def generate_segment(
             from transformers import LogitsProcessorList
 
             kw["logits_processor"] = LogitsProcessorList(
-                [SegmentGrammar(plan, prompt_len, loc0, seg0, tok.pad_token_id)])
+                [SegmentGrammar(plan, prompt_len, loc0, seg0, tok.pad_token_id, loc_rule=loc_rule)])
         else:
             kw["max_new_tokens"] = len(plan) + 8
         with torch.no_grad():

@@ -28,9 +28,11 @@ def prompt_names(structures: Sequence[str], registry=None) -> list[str]:
 
 
 def predict_split(vlm, dataset, split: str, structures: Sequence[str], codec, constrained: bool = True,
-                  batch_size: int = 16, progress: bool = True, device: str | None = None):
+                  batch_size: int = 16, progress: bool = True, device: str | None = None,
+                  loc_rule: str = "median"):
     """Predict every image of `split` with one ``segment`` request listing `structures`.
 
+    loc_rule: how constrained decoding reads a box coordinate (`decode.LOC_RULES`).
     Returns (`Predictions` at the dataset's image size, list of `Decoded` per image).
     Boxes are the decoded loc boxes (NaN where invalid); masks come from `codec`.
     """
@@ -41,7 +43,7 @@ def predict_split(vlm, dataset, split: str, structures: Sequence[str], codec, co
     names = prompt_names(structures)
     images = [np.asarray(dataset.images[i], dtype=np.float32) for i in idx]
     decoded = generate_segment(vlm, images, names, constrained=constrained, batch_size=batch_size,
-                               progress=progress, device=device)
+                               progress=progress, device=device, loc_rule=loc_rule)
     size = int(dataset.image_size)
     masks, boxes, valid = instances_to_arrays(decoded, codec, size, size)
     pred = Predictions(dataset.index["image_id"].iloc[idx].to_numpy(), np.array(list(structures)),
@@ -78,19 +80,26 @@ class VLMSegmenter:
 
     `.segment(image float [H, W] in [0, 1], structures)` ->
     ``{requested text: (mask bool [H, W], box float32 [4] normalised or None, tokens str or None)}``,
-    the same interface as the U-Net's segmenter.
+    the same interface as the U-Net's segmenter. Box coordinates are read with
+    `loc_rule` (None: the rule in the checkpoint's model card, else ``"median"``).
     """
 
-    def __init__(self, vlm, codec, device: str = "cpu", constrained: bool = True):
+    def __init__(self, vlm, codec, device: str = "cpu", constrained: bool = True, loc_rule: str | None = None):
+        from .decode import LOC_RULES
+
         self.vlm = vlm
         self.codec = codec
         self.device = device
         self.constrained = constrained
         card = vlm.info.get("card", {})
         self.structures = list(card.get("structures", []))
+        self.loc_rule = loc_rule or card.get("loc_rule", "median")
+        if self.loc_rule not in LOC_RULES:
+            raise ValueError(f"loc_rule must be one of {LOC_RULES}, got {self.loc_rule!r}")
 
     @classmethod
-    def load(cls, ckpt_dir: str | Path, device: str = "auto", constrained: bool = True) -> "VLMSegmenter":
+    def load(cls, ckpt_dir: str | Path, device: str = "auto", constrained: bool = True,
+             loc_rule: str | None = None) -> "VLMSegmenter":
         """Load a folder written by `save_finetuned` (CheckpointError naming what is missing)."""
         import torch
 
@@ -105,7 +114,7 @@ class VLMSegmenter:
             raise CheckpointError(f"{codec_dir}: the mask codec is missing from this checkpoint")
         dev = resolve_device(device)
         vlm.model.to(dev)
-        return cls(vlm, MaskCodec.ours(codec_dir), dev, constrained)
+        return cls(vlm, MaskCodec.ours(codec_dir), dev, constrained, loc_rule)
 
     def _prompt_name(self, text: str) -> str:
         from ..ct.registry import load_registry
@@ -128,7 +137,8 @@ class VLMSegmenter:
         names = [self._prompt_name(t) for t in structures]
         # NOTE: masks are decoded on the square (at most 1024 px) and resized back
         square, lb = letterbox(img, min(max(img.shape), 1024))
-        dec = generate_segment(self.vlm, [square], names, constrained=self.constrained, device=self.device)
+        dec = generate_segment(self.vlm, [square], names, constrained=self.constrained, device=self.device,
+                               loc_rule=self.loc_rule)
         masks, boxes, valid = instances_to_arrays(dec, self.codec, lb.size, lb.size)
         out: dict[str, tuple] = {}
         tokens = [p for p in dec[0].text.split(" ; ")]
