@@ -53,8 +53,8 @@
 #   leaves a straight edge in place, turns a staircase into its mean line, rounds
 #   corners and drops slivers thinner than about twice the sigma. One working voxel
 #   is where the mask of a voxelised sphere agrees best with the sphere's true
-#   outline (`tests/test_ct_projection.py`), and what the paper profile uses; the
-#   smoke profile keeps it off (0) for now. Derived structures (a whole
+#   outline (`tests/test_ct_projection.py`): 2 mm here, 1.5 mm in the paper
+#   profile's finer grid. Derived structures (a whole
 #   lung, the ribs of one side, the spine) use the summed path length through their
 #   members. A structure empty in an image is kept and flagged *absent*; one whose
 #   label touches a face of the CT volume that bounds the projection (the top slice,
@@ -91,7 +91,7 @@ control_points = 5  # deformation control points per axis
 photons_per_pixel = 50000.0  # dose: unattenuated photons per detector pixel
 gamma = 1.3  # contrast curve exponent
 mask_threshold_mm = 3.0  # path length through a structure that puts a pixel in its mask (mm)
-mask_smoothing_mm = 0.0  # anti-aliasing of the masks: Gaussian sigma (mm at the isocentre) of a blur-and-rethreshold (0: off; one working voxel is the calibrated value)
+mask_smoothing_mm = 2.0  # anti-aliasing of the masks: Gaussian sigma (mm at the isocentre) of a blur-and-rethreshold (0: off; one working voxel is the calibrated value)
 working_spacing_mm = 2.0  # isotropic voxel size the CT is resampled to for projection (mm)
 step_mm = 1.0  # ray-marching step (mm)
 split_fractions = [0.7, 0.15, 0.15]  # train / val / test fractions of the split unit

@@ -11,14 +11,16 @@ from chexanatomy_lib.ct.dataset import ProjectedDataset
 
 
 # Targets of the codec issue at 448 px (untruncated held-out masks): lungs and heart
-# 0.97, single ribs and clavicles 0.90. The smoke profile reaches lungs but NOT heart
-# or ribs; the floors below sit just under what it measured (2026-11-22, 4
-# re-rendered test images, 272 masks per size, 2-core machine at load ~1), with
+# 0.97, single ribs and clavicles 0.90. Measured 2026-11-23 on an idle 2-core machine
+# (4 re-rendered test images, 270 masks per size, anti-aliased masks, 1,500 steps) with
 #   .venv/bin/chexanatomy run notebooks/02_token_codec.py --profile smoke
-# lungs 0.973 (target 0.97), heart 0.959 (target 0.97), ribs 0.856 (target 0.90);
-# clavicles: none untruncated in the sample (no score).
+# lungs 0.976, heart group 0.973 (heart 0.964, left atrial appendage 0.981), ribs 0.903
+# (95% CI 0.896-0.910); clavicles: none untruncated in the sample (no score). The
+# floors sit a little under those, so that a change of numerics on another CPU does
+# not fail the suite while a real regression does; the book's `met` column reports
+# the targets themselves.
 TARGETS = {"lungs": 0.97, "heart": 0.97, "ribs": 0.90, "clavicles": 0.90}
-SMOKE_FLOORS = {"lungs": 0.965, "heart": 0.95, "ribs": 0.84}
+SMOKE_FLOORS = {"lungs": 0.97, "heart": 0.965, "ribs": 0.895}
 
 
 def test_our_codec_roundtrip_dice_at_448(smoke_run):
@@ -54,6 +56,9 @@ def test_our_codec_roundtrip_dice_at_448(smoke_run):
         assert metrics[f"roundtrip_dice_448_{g}"] == pytest.approx(ours[g])
     targets = pd.read_csv(out / "targets_448.csv", index_col=0)
     assert targets.loc["ribs", "met"] == (ours["ribs"] >= TARGETS["ribs"])
+    # the heart group is reported by structure too; its mean lies between theirs
+    parts = [metrics[f"roundtrip_dice_448_structure_{n}"] for n in ("heart", "atrial_appendage_left")]
+    assert min(parts) <= ours["heart"] <= max(parts)
 
 
 def test_saved_codebook_loads_and_reproduces_its_tokens(smoke_run):
