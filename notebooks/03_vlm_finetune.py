@@ -120,13 +120,15 @@ from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, plot_summa
 from chexanatomy_lib.evaluation.predictions import save_predictions
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
 from chexanatomy_lib.records import load_records
-from chexanatomy_lib.vlm.decode import invalid_rate
+from chexanatomy_lib.vlm.decode import LOC_RULES, invalid_rate
 from chexanatomy_lib.vlm.figures import comparison_table, plot_loss, plot_overlays, plot_task_examples
 from chexanatomy_lib.vlm.model import load_vlm, trainable_parameters
 from chexanatomy_lib.vlm.predict import predict_split, prompt_names, save_finetuned
 from chexanatomy_lib.vlm.tasks import TaskSampler
 from chexanatomy_lib.vlm.train import TrainConfig, train
 
+if loc_rule not in LOC_RULES:  # checked before training, not after it
+    raise ValueError(f"loc_rule must be one of {LOC_RULES}, got {loc_rule!r}")
 out = stage_dir(run_dir, "03_vlm_finetune")
 dataset = ProjectedDataset(stage_dir(run_dir, "01_ct_projection") / "dataset")
 codec_dir = stage_dir(run_dir, "02_token_codec") / "vqvae"

@@ -72,7 +72,8 @@ class SegmentGrammar(_logits_processor_base()):
     loc_start / seg_start: ids of `<loc0000>` and `<seg000>`.
     pad_id: forced once the plan is complete (rows stay aligned).
     loc_rule: one of `LOC_RULES`; ``"median"`` leaves one allowed token at a loc slot,
-    the median bin of the softmax over the allowed bins.
+    the median bin of the softmax over the allowed bins; ``"greedy"`` (the default
+    here: the grammar alone) only masks, and generation takes the most likely token.
     """
 
     def __init__(self, plan: Sequence[int], prompt_len: int, loc_start: int, seg_start: int, pad_id: int,
@@ -120,8 +121,7 @@ def _force_median_bin(scores, loc_start: int):
 
     loc = scores[:, loc_start:loc_start + 1024].float()
     cdf = torch.softmax(loc, dim=-1).cumsum(dim=-1)
-    # NOTE: float rounding can leave the last cumulative value just under 0.5 only for
-    # a row whose mass is all in the last bin; the clamp keeps that bin.
+    # NOTE: the clamp is only a guard: the cumulative softmax ends at 1 up to rounding.
     median = (cdf < 0.5).sum(dim=-1).clamp(max=1023)
     rows = torch.arange(scores.shape[0], device=scores.device)
     out = torch.full_like(scores, float("-inf"))
