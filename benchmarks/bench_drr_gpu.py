@@ -111,7 +111,7 @@ def main() -> None:
     from chexanatomy_lib.ct.cohort import SourceCT, make_working_volume
     from chexanatomy_lib.ct.dataset import pack_masks
     from chexanatomy_lib.ct.projector import RayMarcher
-    from chexanatomy_lib.ct.synthesis import (RenderSettings, render_views, structure_groups, structures_present,
+    from chexanatomy_lib.ct.synthesis import (RenderSettings, label_groups, render_views, structures_present,
                                               synthesize_dataset)
 
     dev = "cuda"
@@ -121,7 +121,7 @@ def main() -> None:
     source = SourceCT.from_case(case)
     prepare_s = time.perf_counter() - t
     names = structures_present(source.label_ids)
-    groups = structure_groups(names, source.label_ids)
+    groups = label_groups(names, source.label_ids)
     res: dict = {"benchmark": "drr_gpu", "device": name, "n_structures": len(names), "field_mm": FIELD_MM,
                  "prepare_ct_s": prepare_s, "render": {}, "render_host": {}, "cohort": {}, "agreement": {}}
 

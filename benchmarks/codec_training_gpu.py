@@ -75,18 +75,20 @@ SIZE = 448
 
 
 def export(run_dir: str, out: str, seed: int = 0, n_images: int = 4) -> None:
-    from chexanatomy_lib.codec.quality import group_of, rerendered_masks, training_crops
+    from chexanatomy_lib.codec.geometry import masks_to_crops
     from chexanatomy_lib.ct.dataset import ProjectedDataset
+    from chexanatomy_lib.ct.registry import group_of
+    from chexanatomy_lib.ct.rerender import rerender_masks
 
     run = Path(run_dir)
     ds = ProjectedDataset(run / "01_ct_projection" / "dataset")
-    crops, table = training_crops(ds, split="train", crop="aligned")
+    _, crops = masks_to_crops(ds.present_masks(ds.split_indices("train"))[0], crop="aligned")
     # the chapter's sample of re-rendered test images (same seed, same draw)
     rng = np.random.default_rng(seed)
     test_idx = ds.split_indices("test")
     manifest = json.loads((run / "01_ct_projection" / "params.json").read_text())["manifest"]
     render_idx = np.sort(rng.choice(test_idx, min(n_images, len(test_idx)), replace=False))
-    sized, rows = rerendered_masks(ds, manifest, render_idx, [SIZE])
+    sized, rows = rerender_masks(ds, manifest, render_idx, [SIZE])
     groups = group_of(list(ds.structures))
     smoothing = float(ds.meta.get("render_settings", {}).get("mask_smoothing_mm", 0.0))
     np.savez_compressed(out, crops=np.round(crops * 255).astype(np.uint8), mask_smoothing_mm=smoothing,
@@ -99,19 +101,21 @@ def export(run_dir: str, out: str, seed: int = 0, n_images: int = 4) -> None:
 def autoencoder_roundtrip(codec, masks: np.ndarray) -> np.ndarray:
     """Masks bool [N, H, W] -> bool [N, H, W] through the codec's crop, encoder, decoder and paste,
     the 4x4 latent passed on unquantised (location bins as the codec's round trip)."""
-    from chexanatomy_lib.codec.mask_codec import paste_maps, quantise_boxes
+    from chexanatomy_lib.codec.geometry import crop_boxes, crop_masks, paste_maps, quantise_boxes
 
-    boxes = codec.boxes_of(masks)
+    m = torch.from_numpy(masks).to(codec.device)
+    boxes = crop_boxes(m, codec.crop, codec.pad_px)
     with torch.no_grad():
-        maps = codec.vqvae.decode_latent(codec.vqvae.encode_latent(codec.crops_64(masks, boxes))).clamp(-1, 1)
-    return paste_maps(maps.cpu(), quantise_boxes(boxes.cpu()).numpy(), masks.shape[1], masks.shape[2])
+        crops = crop_masks(m, boxes, codec.crop, codec.resize)
+        maps = codec.vqvae.decode_latent(codec.vqvae.encode_latent(crops)).clamp(-1, 1)
+    return paste_maps(maps.cpu(), quantise_boxes(boxes.cpu()), masks.shape[1], masks.shape[2])
 
 
 def train_and_score(data: dict, name: str, device: str) -> dict:
     import pandas as pd
 
     from chexanatomy_lib.codec import MaskCodec, VQVAEConfig, VQVAETrainConfig, train_vqvae
-    from chexanatomy_lib.codec.quality import roundtrip_scores
+    from chexanatomy_lib.evaluation.evaluate import score_masks
     from chexanatomy_lib.evaluation.metrics import dice
 
     model_kw, train_kw = CONFIGS[name]
@@ -125,8 +129,7 @@ def train_and_score(data: dict, name: str, device: str) -> dict:
     codec = MaskCodec(vqvae, crop="aligned")
     quantised = train_kw.get("ae_warmup", 0.0) < 1.0
     if quantised:
-        scores = roundtrip_scores({"ours": codec}, masks, table)
-        ours = scores[scores["route"] == "ours"]
+        ours = score_masks(codec.roundtrip(masks), masks, table)
     else:
         ours = table.assign(dice=dice(autoencoder_roundtrip(codec, masks), masks))
     by_group = ours.groupby("group")["dice"].mean()

@@ -52,20 +52,22 @@ _CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_b
 STAGES: dict[str, Stage] = {
     s.name: s
     for s in (
-        Stage("01_ct_projection", "CT projection", (), ("ct", "evaluation", "devices.py"), 180),
-        Stage("02_token_codec", "Token codec", ("01_ct_projection",), ("ct", "codec", "evaluation"), 120),
+        Stage("01_ct_projection", "CT projection", (), ("ct", "evaluation", "devices.py", "records.py"), 180),
+        Stage("02_token_codec", "Token codec", ("01_ct_projection",),
+              ("ct", "codec", "evaluation", "training.py", "checkpoints.py", "devices.py", "records.py"), 120),
         Stage(
             "03_vlm_finetune",
             "VLM fine-tuning",
             ("01_ct_projection", "02_token_codec"),
-            ("ct", "codec", "evaluation", "vlm", "augment.py", "devices.py"),
+            ("ct", "codec", "evaluation", "vlm", "training.py", "checkpoints.py", "augment.py", "devices.py",
+             "radiograph.py", "records.py"),
             240,
         ),
         Stage(
             "04_unet_baseline",
             "U-Net baseline",
             ("01_ct_projection", "02_token_codec", "03_vlm_finetune"),
-            ("ct", "codec", "evaluation", "unet", "augment.py", "devices.py"),
+            ("ct", "codec", "evaluation", "unet", "training.py", "checkpoints.py", "augment.py", "devices.py"),
             120,
         ),
         # The introduction reports every chapter's measured time, so it runs last.
@@ -106,18 +108,23 @@ def stage_for_notebook(notebook: str | Path) -> Stage:
     return Stage(path.stem, path.stem, (), (), None, path.resolve())
 
 
-def upstream_closure(name: str) -> list[str]:
-    """All stages ``name`` depends on, directly or not, in execution order, then ``name``."""
+def upstream_closure(stage: Stage | str) -> list[Stage]:
+    """The stages ``stage`` reads, directly or not, in execution order, then ``stage`` itself.
+
+    ``stage``: a :class:`Stage` (also an ad-hoc one from :func:`stage_for_notebook`)
+    or a stage name.
+    """
+    target = get_stage(stage) if isinstance(stage, str) else stage
     needed: set[str] = set()
 
-    def visit(n: str) -> None:
-        for u in get_stage(n).upstream:
+    def visit(s: Stage) -> None:
+        for u in s.upstream:
             if u not in needed:
                 needed.add(u)
-                visit(u)
+                visit(get_stage(u))
 
-    visit(name)
-    return [s for s in STAGES if s in needed] + [name]
+    visit(target)
+    return [STAGES[n] for n in STAGES if n in needed] + [target]
 
 
 def stage_dir(run_dir: str | Path, stage: str, create: bool = True) -> Path:

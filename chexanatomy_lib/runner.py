@@ -31,7 +31,7 @@ from typing import Any, Callable, Iterator
 import yaml
 
 from . import provenance as prov
-from .pipeline import PROJECT_ROOT, STAGES, Stage, get_stage, stage_for_notebook
+from .pipeline import PROJECT_ROOT, STAGES, Stage, get_stage, stage_for_notebook, upstream_closure
 
 PROFILE_DIR = PROJECT_ROOT / "notebooks" / "profiles"
 REQUIRED_PARAMETERS = ("run_dir", "seed")
@@ -54,11 +54,13 @@ class StageFailedError(RuntimeError):
 # --------------------------------------------------------------------------- parameters
 
 
-def read_parameters(notebook: str | Path) -> dict[str, Any]:
-    """The defaults of a Jupytext notebook's ``parameters`` cell.
+def parameters_cell(notebook: str | Path) -> tuple[dict[str, Any], set[str]]:
+    """The defaults of a Jupytext notebook's ``parameters`` cell and its optional names.
 
     The cell must be flat assignments of literals (numbers, strings, booleans,
-    None, lists, dicts). Returns ``{name: default}`` in the cell's order.
+    None, lists, dicts). Returns ``({name: default}, optional)``: the defaults in
+    the cell's order, and the names whose annotation admits None (``x: int | None
+    = 1`` or ``Optional[int]``).
     """
     import jupytext
 
@@ -74,7 +76,7 @@ def read_parameters(notebook: str | Path) -> dict[str, Any]:
     except SyntaxError as e:
         raise ParameterError(f"{path}: parameters cell is not valid Python: {e}") from None
     params: dict[str, Any] = {}
-    annotations: dict[str, str] = {}
+    optional: set[str] = set()
     for node in tree.body:
         if not isinstance(node, (ast.Assign, ast.AnnAssign)):
             raise ParameterError(f"{path}: parameters cell line {node.lineno}: only assignments are allowed")
@@ -82,7 +84,9 @@ def read_parameters(notebook: str | Path) -> dict[str, Any]:
         if len(targets) != 1 or not isinstance(targets[0], ast.Name) or node.value is None:
             raise ParameterError(f"{path}: parameters cell line {node.lineno}: assign one name at a time")
         if isinstance(node, ast.AnnAssign):
-            annotations[targets[0].id] = ast.unparse(node.annotation)
+            annotation = ast.unparse(node.annotation)
+            if "None" in annotation or annotation.startswith("Optional"):
+                optional.add(targets[0].id)
         try:
             params[targets[0].id] = ast.literal_eval(node.value)
         except ValueError:
@@ -92,20 +96,17 @@ def read_parameters(notebook: str | Path) -> dict[str, Any]:
     missing = [k for k in REQUIRED_PARAMETERS if k not in params]
     if missing:
         raise ParameterError(f"{path}: parameters cell lacks required parameter(s) {missing}")
-    _ANNOTATIONS[str(path.resolve())] = annotations
-    return params
+    return params, optional
 
 
-#: Annotations of the parameters cells read so far (notebook path -> name -> annotation text).
-_ANNOTATIONS: dict[str, dict[str, str]] = {}
+def read_parameters(notebook: str | Path) -> dict[str, Any]:
+    """The defaults of a notebook's ``parameters`` cell, in its order (see :func:`parameters_cell`)."""
+    return parameters_cell(notebook)[0]
 
 
 def optional_parameters(notebook: str | Path) -> set[str]:
     """Names whose annotation admits None (``x: int | None = 1`` or ``Optional[int]``)."""
-    key = str(Path(notebook).resolve())
-    if key not in _ANNOTATIONS:
-        read_parameters(notebook)
-    return {k for k, a in _ANNOTATIONS[key].items() if "None" in a or a.startswith("Optional")}
+    return parameters_cell(notebook)[1]
 
 
 def _type_name(v: Any) -> str:
@@ -236,9 +237,8 @@ def load_profile(name_or_path: str | Path) -> Profile:
 
 def stage_parameters(stage: Stage, profile: Profile, overrides: dict[str, Any] | None = None) -> dict[str, Any]:
     """Checked parameters of ``stage`` under ``profile`` plus ``overrides`` (``run_dir`` not yet set)."""
-    defaults = read_parameters(stage.notebook)
+    defaults, opt = parameters_cell(stage.notebook)
     where = str(stage.notebook.relative_to(PROJECT_ROOT) if stage.notebook.is_relative_to(PROJECT_ROOT) else stage.notebook)
-    opt = optional_parameters(stage.notebook)
     params = validate_parameters(defaults, profile.overrides_for(stage, defaults), f"{where} (profile {profile.name})", opt)
     return validate_parameters(params, overrides or {}, where, opt)
 
@@ -461,7 +461,7 @@ def run_stage(
     """
     prof = profile if isinstance(profile, Profile) else load_profile(profile)
     target = stage_for_notebook(notebook_or_stage) if str(notebook_or_stage).endswith(".py") else get_stage(str(notebook_or_stage))
-    order = _closure(target)
+    order = upstream_closure(target)
     rd = Path(run_dir).resolve() if run_dir else prof.run_dir
     # Check every stage's parameters first: a typo must not cost an hour of upstream work.
     plan = [(s, stage_parameters(s, prof, overrides if s is target else None)) for s in order]
@@ -482,19 +482,6 @@ def run_stage(
         done[s.name] = r.provenance
         results.append(r)
     return results
-
-
-def _closure(target: Stage) -> list[Stage]:
-    needed: dict[str, Stage] = {}
-
-    def visit(s: Stage) -> None:
-        for u in s.upstream:
-            if u not in needed:
-                needed[u] = get_stage(u)
-                visit(needed[u])
-
-    visit(target)
-    return [STAGES[n] for n in STAGES if n in needed] + [target]
 
 
 def run_all(

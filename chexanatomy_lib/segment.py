@@ -20,9 +20,6 @@ from typing import Any, Sequence
 
 import numpy as np
 
-COLOURS = [(230, 25, 75), (60, 180, 75), (255, 225, 25), (0, 130, 200), (245, 130, 48), (145, 30, 180),
-           (70, 240, 240), (240, 50, 230), (210, 245, 60), (250, 190, 212)]
-
 
 class SegmentError(ValueError):
     """A `segment` request cannot be carried out; the message says why and what to do."""
@@ -40,7 +37,7 @@ def parse_structures(text: str | Sequence[str]) -> list[str]:
 
 def load_segmenter(checkpoint_dir: str | Path, device: str = "auto", **opts: Any):
     """The segmenter of a checkpoint folder, chosen by its ``model_card.json`` ``kind``."""
-    from .vlm.model import read_card
+    from .checkpoints import read_card
 
     card = read_card(checkpoint_dir)
     kind = card.get("kind")
@@ -63,12 +60,14 @@ def overlay_image(image: np.ndarray, masks: Sequence[np.ndarray]) -> np.ndarray:
     """float [H, W] in [0, 1] + bool [H, W] masks -> uint8 [H, W, 3] with tinted, outlined masks."""
     from scipy.ndimage import binary_erosion
 
+    from .evaluation.figures import rgb as palette_rgb
+
     rgb = np.repeat((np.clip(image, 0, 1) * 255)[..., None], 3, -1).astype(np.float32)
     width = max(1, min(image.shape) // 256)
     for k, m in enumerate(masks):
         if not m.any():
             continue
-        c = np.array(COLOURS[k % len(COLOURS)], np.float32)
+        c = np.array(palette_rgb(k), np.float32)
         rgb[m] = 0.75 * rgb[m] + 0.25 * c
         edge = m & ~binary_erosion(m, iterations=width)
         rgb[edge] = c
@@ -79,6 +78,7 @@ def segment_image(image_path: str | Path, segmenter, structures: Sequence[str], 
     """Run `segmenter` on one radiograph and write masks, overlay and JSON to `out_dir`; returns the JSON dict."""
     from PIL import Image
 
+    from .codec.geometry import box_to_pixel_box
     from .ct.registry import load_registry
     from .radiograph import read_radiograph
 
@@ -105,8 +105,7 @@ def segment_image(image_path: str | Path, segmenter, structures: Sequence[str], 
             name = None
         entry = {"requested": text, "structure": name, "mask": fname, "area_px": int(mask.sum()),
                  "box": None if box is None else [float(v) for v in box],
-                 "box_px": None if box is None else [int(box[0] * h), int(box[1] * w), int(box[2] * h),
-                                                     int(box[3] * w)],
+                 "box_px": None if box is None else list(box_to_pixel_box(np.asarray(box), h, w)),
                  "tokens": tokens, "found": bool(mask.any())}
         record["structures"].append(entry)
     Image.fromarray(overlay_image(image, masks)).save(out / "overlay.png")

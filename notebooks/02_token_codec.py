@@ -21,7 +21,8 @@
 # resized to 64×64. A target for the prompt `segment left lung ; heart` reads
 # `<loc×4><seg×16> left lung ; <loc×4><seg×16> heart`. Whatever a fine-tuned model
 # learns, the mask it returns has passed through this codec, so the codec's round
-# trip (mask → tokens → mask) is a ceiling on every score in chapters 3 to 7.
+# trip (mask → tokens → mask) is a ceiling on every mask score of the chapters that
+# follow.
 #
 # **What goes in.** The projected masks of chapter 1 (train split for the
 # codebook, held-out test split for every score here) and, optionally, big_vision's
@@ -58,11 +59,11 @@
 # crop (which weighs a thin rib's few inside pixels as much as a lung's many), and
 # unused codes are restarted from current encoder outputs. Ribs and the many
 # vessels and organs make up two thirds of all masks, the heart and the left atrial
-# appendage one in fifty, so a crop is drawn with probability inversely
-# proportional to the square root of its group's size (`balance_power`): the heart
-# group then gets about 7 % of the draws instead of 2 % (about +0.004 heart Dice for
-# −0.002 on the ribs in ad-hoc runs at 448 px), and the ribs are not starved as they
-# would be with equal shares per group. NOTE: within a
+# appendage a small share, so a crop is drawn with probability inversely
+# proportional to a power of its group's size (`balance_power`; the training-data
+# table below gives each group's share of the masks and of the draws): the square root
+# raises the heart group's share without starving the ribs as equal shares per group
+# would. NOTE: within a
 # fixed time, many small batches train this small network further than few large
 # ones, hence the small default batch.
 
@@ -100,22 +101,24 @@ import pandas as pd
 import torch
 
 from chexanatomy_lib.codec import (
-    MaskCodec, MaskVQVAE, VQVAEConfig, VQVAETrainConfig, format_prompt, format_target, parse_output, train_vqvae,
+    MaskCodec, VQVAEConfig, VQVAETrainConfig, format_prompt, format_target, parse_output, train_vqvae,
 )
-from chexanatomy_lib.codec.figures import plot_reconstructions, plot_training
-from chexanatomy_lib.codec.quality import (
-    group_of, mean_templates, present_masks, rerendered_masks, resize_masks, resize_only_scores, roundtrip_scores,
-    structure_groups, summarize_roundtrip, training_crops,
-)
+from chexanatomy_lib.codec.figures import plot_training
+from chexanatomy_lib.codec.geometry import masks_to_crops, resample_masks
+from chexanatomy_lib.codec.routes import mean_templates, resize_only_masks, roundtrip_routes
 from chexanatomy_lib.ct.dataset import ProjectedDataset
-from chexanatomy_lib.ct.registry import load_registry
+from chexanatomy_lib.ct.registry import group_of, load_registry, structure_groups
+from chexanatomy_lib.ct.rerender import rerender_masks
+from chexanatomy_lib.devices import resolve_device
+from chexanatomy_lib.evaluation.evaluate import score_routes, summarize
+from chexanatomy_lib.evaluation.figures import plot_reconstructions, plot_summary
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
-from chexanatomy_lib.records import load_records
+from chexanatomy_lib.records import codec_training_table
 
 torch.manual_seed(seed)
 if cpu_threads:
     torch.set_num_threads(cpu_threads)
-dev = ("cuda" if torch.cuda.is_available() else "cpu") if device == "auto" else device
+dev = resolve_device(device)
 out = stage_dir(run_dir, "02_token_codec")
 dataset = ProjectedDataset(stage_dir(run_dir, "01_ct_projection") / "dataset")
 groups = structure_groups(dataset.structures)
@@ -127,13 +130,21 @@ print(dataset, "| device:", dev)
 #
 # Every mask present in a training image becomes one 64×64 crop of its own box,
 # under the codec's crop policy (absent structures have no box and are skipped).
-# The table counts them per structure group.
+# The table counts them per structure group, with each group's share of the masks and
+# of the training draws under `balance_power`.
 
 # %%
-crops, crop_table = training_crops(dataset, split="train", crop=crop_policy)
+train_masks, crop_table = dataset.present_masks(dataset.split_indices("train"))
+_, crops = masks_to_crops(train_masks, crop=crop_policy)
+del train_masks
 crop_table["group"] = crop_table["structure"].map(group)
+group_sizes = crop_table["group"].map(crop_table["group"].value_counts()).to_numpy()
+draw_weights = group_sizes ** -float(balance_power) if balance_power else None
 counts = crop_table.groupby("group").agg(masks=("structure", "size"), structures=("structure", "nunique"))
-counts
+counts["share of masks"] = counts["masks"] / counts["masks"].sum()
+weight = pd.Series(draw_weights if draw_weights is not None else np.ones(len(crop_table)), index=crop_table.index)
+counts["share of draws"] = weight.groupby(crop_table["group"]).sum() / weight.sum()
+counts.round(3)
 
 # %% [markdown]
 # ## Training the codebook
@@ -150,9 +161,7 @@ model_config = VQVAEConfig(enc_channels=tuple(enc_channels), embedding_dim=embed
 train_config = VQVAETrainConfig(steps=steps, batch_size=batch_size, lr=lr, commitment=commitment,
                                 dice_weight=dice_weight, bce_weight=bce_weight, restart_every=restart_every,
                                 seed=seed)
-group_sizes = crop_table["group"].map(crop_table["group"].value_counts()).to_numpy()
-vqvae, record = train_vqvae(crops, model_config, train_config, device=dev,
-                            weights=group_sizes ** -float(balance_power) if balance_power else None)
+vqvae, record = train_vqvae(crops, model_config, train_config, device=dev, weights=draw_weights)
 record["data"] = {"dataset": str(dataset.path), "split": "train", "n_masks": int(len(crops)),
                   "structures": sorted(crop_table["structure"].unique())}
 record.update(crop=crop_policy, resize="bilinear_aa")  # MaskCodec.ours encodes with the crops it was trained on
@@ -202,33 +211,23 @@ plt.show()
 # 95% bootstrap intervals.
 
 # %%
-masks, mask_table = present_masks(dataset, test_idx, exclude_truncated=True)
+masks, mask_table = dataset.present_masks(test_idx, exclude_truncated=True)
 mask_table["group"] = mask_table["structure"].map(group)
-templates = mean_templates(crops, crop_table)
-scores = roundtrip_scores(codecs, masks, mask_table, templates)
-per_structure = summarize_roundtrip(scores, by=("route", "structure"), n_boot=n_boot, seed=seed)
-per_structure.to_csv(out / "roundtrip_by_structure.csv", index=False)
-fig, ax = plt.subplots(figsize=(min(18, max(8, 0.18 * len(dataset.structures))), 4.5))
-routes = list(dict.fromkeys(per_structure["route"]))
-order = [n for n in dataset.structures if n in set(per_structure["structure"])]
-width = 0.8 / len(routes)
-for k, route in enumerate(routes):
-    s = per_structure[per_structure.route == route].set_index("structure").reindex(order)
-    err = np.vstack([s["dice"] - s["dice_lo"], s["dice_hi"] - s["dice"]])
-    ax.bar(np.arange(len(order)) + (k - (len(routes) - 1) / 2) * width, s["dice"], width, yerr=err,
-           capsize=1.5, label=route)
-ax.set_xticks(np.arange(len(order)))
-ax.set_xticklabels(order, rotation=70, ha="right", fontsize=7)
+templates = mean_templates(crops, crop_table["structure"])
+routes = roundtrip_routes(codecs, masks, mask_table["structure"], templates)
+scores = score_routes(routes, masks, mask_table)
+per_structure = summarize(scores, by=("route", "structure"), metrics=["dice"], n_boot=n_boot, seed=seed)
+per_structure.reset_index().to_csv(out / "roundtrip_by_structure.csv", index=False)
+order = [n for n in dataset.structures if n in set(mask_table["structure"])]
+ax = plot_summary({route: per_structure.xs(route, level="route") for route in routes}, "dice", structures=order)
 ax.set_ylabel(f"round-trip Dice at {dataset.image_size} px")
-ax.set_ylim(0, 1.02)
-ax.legend(fontsize=8, ncol=len(routes))
 plt.tight_layout()
 plt.show()
-wide = per_structure.pivot(index="structure", columns="route", values="dice")
+wide = per_structure["dice"].unstack("route")
 print("structures where the codec does not beat the filled box:",
       ", ".join(wide.index[wide["ours"] <= wide["box only"]]) or "none")
-by_group = summarize_roundtrip(scores, by=("route", "group"), n_boot=n_boot, seed=seed)
-by_group.pivot(index="group", columns="route", values="dice").round(3)
+by_group = summarize(scores, by=("route", "group"), metrics=["dice"], n_boot=n_boot, seed=seed)
+by_group["dice"].unstack("route").round(3)
 
 # %% [markdown]
 # ## Held-out masks at PaliGemma's sizes
@@ -247,15 +246,14 @@ rng = np.random.default_rng(seed)
 if n_render_images:
     manifest_path = json.loads((stage_dir(run_dir, "01_ct_projection") / "params.json").read_text())["manifest"]
     render_idx = np.sort(rng.choice(test_idx, min(n_render_images, len(test_idx)), replace=False))
-    sized_masks, table_rows = rerendered_masks(dataset, manifest_path, render_idx, eval_sizes,
-                                               threads=cpu_threads)
+    sized_masks, table_rows = rerender_masks(dataset, manifest_path, render_idx, eval_sizes, threads=cpu_threads)
     size_source = (f"re-rendered from the CT: {len(render_idx)} test images "
                    f"({', '.join(dataset.index['image_id'].iloc[render_idx])})")
 else:
     table_sel = np.arange(len(masks)) if max_table_masks is None or len(masks) <= max_table_masks else \
         np.sort(rng.choice(len(masks), max_table_masks, replace=False))
     table_rows = mask_table.iloc[table_sel].reset_index(drop=True)
-    sized_masks = {size: resize_masks(masks[table_sel], size) for size in eval_sizes}
+    sized_masks = {size: resample_masks(masks[table_sel], size, "bilinear") for size in eval_sizes}
     size_source = f"resampled from the stored {dataset.image_size} px masks ({len(table_sel)} test masks)"
 table_rows["group"] = table_rows["structure"].map(group)
 print(f"masks {size_source}; {len(table_rows)} masks per size:",
@@ -280,7 +278,7 @@ print(f"masks {size_source}; {len(table_rows)} masks per size:",
 
 # %%
 policy_masks = sized_masks[policy_size] if policy_size in sized_masks else \
-    resize_masks(sized_masks[max(sized_masks)], policy_size)
+    resample_masks(sized_masks[max(sized_masks)], policy_size, "bilinear")
 policies = {
     "aligned box, antialiased bilinear (ours)": MaskCodec(vqvae, crop="aligned"),
     "tight box, antialiased bilinear (big_vision)": MaskCodec(vqvae),
@@ -289,13 +287,12 @@ policies = {
     f"box + {pad_px} px, nearest (reference implementation)": MaskCodec(vqvae, crop="padded", pad_px=pad_px,
                                                                        resize="nearest"),
 }
-policy_scores = roundtrip_scores(policies, policy_masks, table_rows)
 ceiling_route = "aligned box, no VQ-VAE (resize only)"
-policy_scores = pd.concat([policy_scores[policy_scores.route != "box only"],
-                           resize_only_scores(policy_masks, table_rows, crop="aligned").assign(route=ceiling_route)],
-                          ignore_index=True)
-policy_table = summarize_roundtrip(policy_scores, by=("route", "group"), n_boot=n_boot, seed=seed)
-policy_pivot = policy_table.pivot(index="route", columns="group", values="dice").loc[list(policies) + [ceiling_route]]
+policy_routes = {name: codec_.roundtrip(policy_masks) for name, codec_ in policies.items()}
+policy_routes[ceiling_route] = resize_only_masks(policy_masks, crop="aligned")
+policy_scores = score_routes(policy_routes, policy_masks, table_rows)
+policy_table = summarize(policy_scores, by=("route", "group"), metrics=["dice"], n_boot=n_boot, seed=seed)
+policy_pivot = policy_table["dice"].unstack("group").loc[list(policy_routes)]
 policy_pivot.to_csv(out / "crop_policies.csv")
 if "ribs" in policy_pivot:
     base = policy_pivot["ribs"].iloc[0]
@@ -317,11 +314,13 @@ policy_pivot.round(3)
 # %%
 size_frames = []
 for size in eval_sizes:
-    sc = roundtrip_scores(codecs, sized_masks[size], table_rows, templates)
+    sc = score_routes(roundtrip_routes(codecs, sized_masks[size], table_rows["structure"], templates),
+                      sized_masks[size], table_rows)
     sc["size"] = size
     size_frames.append(sc)
 size_scores = pd.concat(size_frames, ignore_index=True)
-size_table = summarize_roundtrip(size_scores, by=("route", "size", "group"), n_boot=n_boot, seed=seed)
+size_table = summarize(size_scores, by=("route", "size", "group"), metrics=["dice"], n_boot=n_boot,
+                       seed=seed).reset_index()
 size_table["source"] = "re-rendered" if n_render_images else "resampled"
 size_table.to_csv(out / "roundtrip_by_size.csv", index=False)
 size_table["dice (95% CI)"] = [f"{d:.3f} ({lo:.3f}-{hi:.3f})" for d, lo, hi in
@@ -405,20 +404,7 @@ pd.Series(metrics).round(3)
 
 # %%
 smoothing = float(dataset.meta.get("render_settings", {}).get("mask_smoothing_mm", 0.0))
-longer, other_masks = [], 0
-for r in load_records():
-    if r.get("name") != "codec_training":
-        continue
-    if float(r.get("mask_smoothing_mm", 0.0)) != smoothing:
-        other_masks += 1
-        continue
-    for x in r["results"]:
-        longer.append({"config": x["config"], "codebook": x.get("codebook_size", 128) or "none (autoencoder)",
-                       "steps": x["train"]["steps"], "batch": x["train"]["batch_size"],
-                       "parameters": x["n_parameters"], "train (s)": x["train_s"],
-                       **{f"{g} Dice": x["roundtrip_dice_448"].get(g) for g in ("lungs", "heart", "ribs")},
-                       "device": r["device"], "recorded": r["date"], "revision": r["revision"]})
-longer = pd.DataFrame(longer)
+longer, other_masks = codec_training_table(smoothing)
 if other_masks:
     print(f"{other_masks} recorded run(s) on masks with another mask smoothing (chapter 1's mask_smoothing_mm) "
           "are not shown; benchmarks/README.md describes them")
@@ -465,7 +451,7 @@ longer.round(3)
 # ragged edges that 16 codes cannot follow. Chapter 1 therefore anti-aliases the
 # masks (`mask_smoothing_mm`, one working voxel in both profiles); the recorded
 # runs in `benchmarks/README.md` measure what that, and longer training, do for
-# the ribs (+0.03 and +0.015 at 448 px). The heart group's score is the
+# the ribs at 448 px. The heart group's score is the
 # mean over the heart and the left atrial appendage; the line printed above the
 # target table gives each alone.
 # The numbers say nothing about other patients.

@@ -74,12 +74,13 @@ import pandas as pd
 
 from chexanatomy_lib.ct.dataset import ProjectedDataset
 from chexanatomy_lib.evaluation.baselines import mean_mask_predictions
-from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, plot_summary
-from chexanatomy_lib.evaluation.predictions import load_predictions, save_predictions
+from chexanatomy_lib.evaluation.evaluate import evaluate_predictions
+from chexanatomy_lib.evaluation.figures import comparison_table, plot_overlays, plot_summary
+from chexanatomy_lib.evaluation.predictions import load_predictions, predict_split, save_predictions
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
 from chexanatomy_lib.unet.data import Augmentation, default_structures
-from chexanatomy_lib.unet.figures import comparison_table, plot_learning_curves, plot_overlays
-from chexanatomy_lib.unet.inference import load_segmenter, predict_split
+from chexanatomy_lib.unet.figures import plot_learning_curves
+from chexanatomy_lib.unet.inference import load_segmenter
 from chexanatomy_lib.unet.model import UNetConfig
 from chexanatomy_lib.unet.train import TrainConfig, train_unet
 
@@ -148,7 +149,7 @@ plt.show()
 # The saved checkpoint is loaded back as `chexanatomy segment` would load it and
 # run on the test split; its masks are written in the shared prediction format.
 # Below, a few test images of each view with the reference outlines (solid) and the
-# U-Net's (dashed).
+# U-Net's masks (filled), drawn as in chapter 3.
 
 # %%
 segmenter = load_segmenter(checkpoint, device=device)
@@ -156,8 +157,11 @@ unet_pred = predict_split(segmenter, dataset, "test")
 unet_file = save_predictions(unet_pred, out / "predictions" / "test.npz")
 shown = [s for s in overlay_structures if s in learnt] or learnt[:4]
 half = max(1, n_overlay // 2)
-rows = [*dataset.split_indices("test", "pa")[:half], *dataset.split_indices("test", "lateral")[: n_overlay - half]]
-fig = plot_overlays(dataset, unet_pred, rows, shown, title="U-Net")
+show = [*dataset.split_indices("test", "pa")[:half], *dataset.split_indices("test", "lateral")[: n_overlay - half]]
+rows = unet_pred.rows_of(dataset.index["image_id"].iloc[show])
+fig = plot_overlays(np.asarray(dataset.images[show]), dataset.masks_for(show, shown),
+                    {"U-Net": unet_pred.masks[rows][:, [unet_pred.channel(s) for s in shown]]}, shown,
+                    titles=[f"{dataset.index['image_id'].iloc[i]} ({dataset.index['view'].iloc[i]})" for i in show])
 plt.show()
 
 # %% [markdown]

@@ -8,9 +8,11 @@ import torch
 import torch.nn.functional as F
 
 from chexanatomy_lib.codec import MaskCodec, MaskVQVAE, VQVAEConfig
-from chexanatomy_lib.codec.mask_codec import paste_maps, pixel_boxes, quantise_boxes
-from chexanatomy_lib.codec.quality import resize_only_masks
-from chexanatomy_lib.codec.tokens import box_to_pixel_box, loc_tokens_to_box
+from chexanatomy_lib.codec.geometry import (
+    box_to_pixel_box, crop_boxes, crop_masks, paste_maps, pixel_boxes, quantise_boxes,
+)
+from chexanatomy_lib.codec.routes import resize_only_masks
+from chexanatomy_lib.codec.tokens import loc_tokens_to_box
 
 SMALL = VQVAEConfig(enc_channels=(8, 8, 16, 16), embedding_dim=8, dec_channels=(16, 16, 8, 8, 8))
 
@@ -40,7 +42,7 @@ def test_aligned_crop_keeps_the_box_and_puts_pixels_back():
     # the location tokens are the same: encode returns the same tight box
     np.testing.assert_array_equal(tight.encode(m)[0], aligned.encode(m)[0])
     # this bar's decoded pixel box is one row up at both edges ([36, 39) instead of [37, 40))
-    y0, x0, y1, x1, ok = pixel_boxes(quantise_boxes(tight.boxes_of(m)), 448, 448)
+    y0, x0, y1, x1, ok = pixel_boxes(quantise_boxes(crop_boxes(torch.from_numpy(m))), 448, 448)
     assert bool(ok[0]) and (int(y0[0]), int(y1[0])) == (36, 39)
     window = np.zeros_like(m)
     window[0, 36:39, int(x0[0]):int(x1[0])] = True
@@ -54,8 +56,8 @@ def test_aligned_crop_keeps_the_box_and_puts_pixels_back():
 def test_aligned_crop_falls_back_to_the_tight_box_when_the_decoded_box_collapses():
     m = np.zeros((1, 1000, 1000), bool)
     m[0, 500, 100:300] = True  # one row: its bins may decode to an empty row span
-    codec = MaskCodec(MaskVQVAE(SMALL), crop="aligned")
-    crops = codec.crops_64(m)
+    t = torch.from_numpy(m)
+    crops = crop_masks(t, crop_boxes(t), "aligned")
     assert crops.shape == (1, 64, 64) and float(crops.max()) > 0.5
 
 

@@ -1,12 +1,17 @@
-"""MaskCodec geometry: crop, resize and paste, independent of what the VQ-VAE learned."""
+"""The codec's geometry (crop, resize and paste) and MaskCodec, independent of what the VQ-VAE learned."""
 
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
-from chexanatomy_lib.codec import CodecError, MaskCodec, MaskVQVAE, VQVAEConfig, mask_to_box, resize_weights
-from chexanatomy_lib.codec.tokens import box_to_pixel_box
+from chexanatomy_lib.codec import CodecError, MaskCodec, MaskVQVAE, VQVAEConfig, mask_to_box
+from chexanatomy_lib.codec.geometry import box_to_pixel_box, crop_boxes, crop_masks, resample_weights
+
+
+def resize_weights(starts, stops, full, out):
+    """A span of a length-``full`` axis onto all ``out`` samples (the crop's case)."""
+    return resample_weights(starts, stops, full, torch.zeros_like(starts), torch.full_like(starts, out), out)
 
 SMALL = VQVAEConfig(enc_channels=(8, 8, 16, 16), embedding_dim=8, dec_channels=(16, 16, 8, 8, 8))
 
@@ -54,14 +59,13 @@ def test_encode_returns_tight_boxes_and_codes_and_rejects_empty():
 def test_crop_of_a_rectangle_is_all_ones_and_padding_grows_the_box():
     m = np.zeros((1, 100, 100), bool)
     m[0, 30:50, 20:90] = True
-    codec = MaskCodec(MaskVQVAE(SMALL))
-    torch.testing.assert_close(codec.crops_64(m), torch.ones(1, 64, 64))
-    padded = MaskCodec(MaskVQVAE(SMALL), crop="padded", pad_px=10)
-    np.testing.assert_allclose(padded.boxes_of(m)[0].numpy(), [0.2, 0.1, 0.6, 1.0], atol=1e-6)
-    crop = padded.crops_64(m)[0]
+    t = torch.from_numpy(m)
+    torch.testing.assert_close(crop_masks(t, crop_boxes(t)), torch.ones(1, 64, 64))
+    padded = crop_boxes(t, "padded", pad_px=10)
+    np.testing.assert_allclose(padded[0].numpy(), [0.2, 0.1, 0.6, 1.0], atol=1e-6)
+    crop = crop_masks(t, padded, "padded")[0]
     assert 0 < float(crop.mean()) < 1
-    nearest = MaskCodec(MaskVQVAE(SMALL), crop="padded", resize="nearest")
-    assert set(np.unique(nearest.crops_64(m).numpy())) <= {0.0, 1.0}
+    assert set(np.unique(crop_masks(t, padded, "padded", "nearest").numpy())) <= {0.0, 1.0}
 
 
 def test_decode_pastes_into_the_truncated_pixel_box():
@@ -92,9 +96,8 @@ def test_windowed_crops_equal_full_image_resampling():
     for m in masks:
         y, x = rng.integers(0, 60, 2)
         m[y:y + rng.integers(1, 20), x:x + rng.integers(1, 60)] = True
-    codec = MaskCodec(MaskVQVAE(SMALL))
-    b = codec.boxes_of(masks)
     t = torch.from_numpy(masks)
+    b = crop_boxes(t)
     y0, x0, y1, x1 = (torch.round(b[:, k].double() * s).long() for k, s in zip(range(4), (80, 120, 80, 120)))
     ref = torch.bmm(torch.bmm(resize_weights(y0, y1, 80, 64), t.float()), resize_weights(x0, x1, 120, 64).transpose(1, 2))
-    torch.testing.assert_close(codec.crops_64(masks, b), ref.clamp(0, 1), rtol=1e-5, atol=1e-5)
+    torch.testing.assert_close(crop_masks(t, b), ref.clamp(0, 1), rtol=1e-5, atol=1e-5)

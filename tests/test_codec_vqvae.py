@@ -196,7 +196,7 @@ def test_weighted_sampling_and_dice_term():
     _, record = train_vqvae(crops, cfg, tc, progress=False, weights=weights)
     assert record["weighted_sampling"] and record["train_config"]["dice_weight"] == 1.0
     assert all(np.isfinite(h["recon_mse"]) for h in record["history"])
-    from chexanatomy_lib.codec.vqvae import draw_batch
+    from chexanatomy_lib.codec.vqvae_training import draw_batch
 
     gen = torch.Generator().manual_seed(0)
     idx = draw_batch(64, 4000, gen, torch.as_tensor(np.r_[np.zeros(32), np.ones(16), 3 * np.ones(16)]))
@@ -205,3 +205,24 @@ def test_weighted_sampling_and_dice_term():
     for bad in (np.ones(3), np.zeros(64), -np.ones(64), np.full(64, np.nan)):
         with pytest.raises(ValueError, match="weights"):
             train_vqvae(crops, cfg, tc, progress=False, weights=bad)
+
+
+def test_interrupted_codebook_training_resumes_to_the_same_weights(tmp_path):
+    """The training loop saves the codebook statistics and the batch generator with each
+    state, so a run stopped during the quantised phase and resumed ends where an
+    uninterrupted one does."""
+    from chexanatomy_lib.codec import VQVAETrainConfig, train_vqvae
+
+    crops = blob_masks(np.random.default_rng(2), 96)
+    cfg = VQVAEConfig(enc_channels=(8, 8, 16, 16), embedding_dim=8, dec_channels=(16, 16, 8, 8, 8), num_embeddings=32)
+    tc = VQVAETrainConfig(steps=40, batch_size=16, lr=3e-3, restart_every=5, threads=1, seed=4)
+    weights = np.linspace(0.5, 1.5, 96)
+    full, rec_full = train_vqvae(crops, cfg, tc, progress=False, weights=weights)
+    _, rec_part = train_vqvae(crops, cfg, tc, progress=False, weights=weights, checkpoint_dir=tmp_path,
+                              stop_after=23)
+    assert not rec_part["finished"]
+    resumed, rec = train_vqvae(crops, cfg, tc, progress=False, weights=weights, checkpoint_dir=tmp_path)
+    assert rec["finished"] and rec["history"] == rec_full["history"]
+    a, b = full.state_dict(), resumed.state_dict()
+    assert all(torch.equal(a[k], b[k]) for k in a)
+    assert rec["code_counts"] == rec_full["code_counts"]

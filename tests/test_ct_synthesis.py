@@ -1,5 +1,5 @@
-"""Dataset synthesis: splits by source CT, determinism, shards, re-rendering a row,
-and clear errors for bad input, on two phantom CTs made here."""
+"""Dataset synthesis: splits by source CT, determinism, shards, re-rendering rows
+and masks, and clear errors for bad input, on two phantom CTs made here."""
 
 from __future__ import annotations
 
@@ -7,18 +7,23 @@ import json
 
 import numpy as np
 import pytest
+import yaml
 
 from chexanatomy_lib.ct.cohort import PoseRanges, SourceCT, make_working_volume, sample_copies
 from chexanatomy_lib.ct.dataset import ProjectedDataset, merge_shards
 from chexanatomy_lib.ct.errors import CTInputError
 from chexanatomy_lib.ct.io import CTCase
 from chexanatomy_lib.ct.registry import load_registry
-from chexanatomy_lib.ct.synthesis import RenderSettings, render_sample, structures_present, synthesize_dataset
-from ct_phantoms import make_phantom
+from chexanatomy_lib.ct.rerender import rerender_masks
+from chexanatomy_lib.ct.synthesis import CaseRenderer, RenderSettings, structures_present, synthesize_dataset
+from ct_phantoms import make_phantom, make_phantom_case
 
 SPACING = (2.0, 2.0, 2.5)
 SETTINGS = RenderSettings(field_mm=220.0, working_spacing_mm=2.0, step_mm=1.0)
 RANGES = PoseRanges(translation_mm=(15.0, 10.0, 15.0), rotation_deg=(3.0, 5.0, 5.0), sod_mm=(1500.0, 1700.0))
+
+
+SHAPES = {"alpha": (48, 48, 40), "beta": (52, 44, 40)}
 
 
 def _case(case_id: str, shape=(48, 48, 40)) -> CTCase:
@@ -29,7 +34,7 @@ def _case(case_id: str, shape=(48, 48, 40)) -> CTCase:
 
 @pytest.fixture(scope="module")
 def cases():
-    return [_case("alpha"), _case("beta", (52, 44, 40))]
+    return [_case(case_id, shape) for case_id, shape in SHAPES.items()]
 
 
 def _synth(cases, path, **kw):
@@ -117,22 +122,57 @@ def test_shards_merge_to_the_full_dataset(cases, dataset, tmp_path):
     assert np.array_equal(merged.packed_masks[order], dataset.packed_masks)
 
 
-def test_render_sample_reproduces_a_row_and_rescales(cases, dataset):
+def test_case_renderer_reproduces_a_row_and_rescales(cases, dataset):
     i = 5
     row = dataset.index.iloc[i].to_dict()
     case = next(c for c in cases if c.case_id == row["case_id"])
-    settings = dataset.meta["render_settings"]
-    image, masks, absent, truncated = render_sample(case, row, dataset.image_size, settings,
-                                                    structures=dataset.structures)
+    renderer = CaseRenderer(case, dataset.meta["render_settings"])
+    image, masks, absent, truncated = renderer.render(row, dataset.image_size, structures=dataset.structures)
     assert np.array_equal(image, dataset.images[i])
     assert np.array_equal(masks, dataset.masks(i))
     assert np.array_equal(absent, dataset.absent[i]) and np.array_equal(truncated, dataset.truncated[i])
+    volume = renderer.volume
     # twice the resolution covers the same field: 2x2 pooled masks agree with the stored ones
-    _, big, _, _ = render_sample(case, row, 2 * dataset.image_size, settings, structures=["lungs", "heart"])
+    _, big, _, _ = renderer.render(row, 2 * dataset.image_size, structures=["lungs", "heart"])
+    assert renderer.volume is volume  # the same row again: its deformed copy is not rebuilt
     for k, name in enumerate(["lungs", "heart"]):
         pooled = big[k].reshape(dataset.image_size, 2, dataset.image_size, 2).mean((1, 3)) >= 0.5
         ref = dataset.mask(i, name)
         assert 2 * (pooled & ref).sum() / (pooled.sum() + ref.sum()) > 0.9
+    # a row of another copy, then of another case
+    j = next(j for j in range(len(dataset)) if dataset.index.at[j, "case_id"] == row["case_id"]
+             and dataset.index.at[j, "copy_id"] != row["copy_id"])
+    image, masks, _, _ = renderer.render(dataset.index.iloc[j], dataset.image_size, structures=dataset.structures)
+    assert np.array_equal(image, dataset.images[j]) and np.array_equal(masks, dataset.masks(j))
+    other = next(r for _, r in dataset.index.iterrows() if r["case_id"] != row["case_id"])
+    with pytest.raises(ValueError, match="row belongs to case"):
+        renderer.render(other, dataset.image_size)
+
+
+def test_rerendered_masks_at_two_sizes(cases, dataset, tmp_path):
+    """Masks rendered again from the CTs named by a manifest: the same masks at every size,
+    equal to the stored ones at the dataset's size."""
+    entries = []
+    for case_id, shape in SHAPES.items():
+        ct, lab = make_phantom_case(tmp_path, shape, SPACING, name=case_id)
+        entries.append({"case_id": case_id, "ct": str(ct), "labels": str(lab)})
+    manifest = tmp_path / "manifest.yaml"
+    manifest.write_text(yaml.safe_dump({"name": "phantoms", "cases": entries}))
+    names = ["lungs", "heart", "spine"]
+    rows = [0, 9, 5, 12]  # both cases, interleaved
+    size = dataset.image_size
+    masks, table = rerender_masks(dataset, manifest, rows, [size, 2 * size], structures=names)
+    assert list(masks) == [size, 2 * size]
+    assert masks[size].shape == (len(table), size, size) and masks[2 * size].shape == (len(table), 2 * size, 2 * size)
+    assert list(table.columns) == ["index", "image_id", "view", "structure"] and set(table["index"]) == set(rows)
+    assert "spine" not in set(table["structure"])  # truncated (cut by the CT's top and bottom): left out
+    for k, (i, name) in enumerate(zip(table["index"], table["structure"])):
+        assert np.array_equal(masks[size][k], dataset.mask(i, name))
+    kept, _ = rerender_masks(dataset, manifest, rows, [size], structures=names, exclude_truncated=False)
+    assert len(kept[size]) == len(table) + len(rows)  # the spine of every image too
+    manifest.write_text(yaml.safe_dump({"name": "phantoms", "cases": entries[:1]}))
+    with pytest.raises(ValueError, match="case 'beta' is not in the manifest"):
+        rerender_masks(dataset, manifest, rows, [size], structures=names)
 
 
 def test_deformed_copies_change_the_anatomy(cases):

@@ -5,7 +5,8 @@ import pytest
 
 from chexanatomy_lib.ct.dataset import DatasetWriter, ProjectedDataset
 from chexanatomy_lib.evaluation.baselines import mean_mask_predictions
-from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, plot_summary
+from chexanatomy_lib.evaluation.evaluate import evaluate_predictions
+from chexanatomy_lib.evaluation.figures import plot_summary
 from chexanatomy_lib.evaluation.predictions import (
     Predictions, PredictionsError, load_predictions, save_predictions,
 )
@@ -108,3 +109,80 @@ def test_bad_predictions_files_are_named(tmp_path, dataset):
     partial = Predictions(base.image_ids[:1], base.structures, base.masks[:1], base.boxes[:1], base.valid[:1])
     with pytest.raises(PredictionsError, match="lack 2 image"):
         evaluate_predictions(partial, dataset)
+
+
+def test_one_summary_for_any_score_table():
+    """`summarize` groups by any columns; the mean is the plain mean, the interval a seeded
+    bootstrap (the k-th group with seed + k), and a group without rows is listed empty."""
+    import pandas as pd
+
+    from chexanatomy_lib.evaluation.evaluate import score_masks, score_routes, summarize
+    from chexanatomy_lib.evaluation.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(0)
+    ref = rng.random((12, 16, 16)) > 0.5
+    noisy = ref ^ (rng.random((12, 16, 16)) > 0.9)
+    table = pd.DataFrame({"structure": ["a", "b", "c"] * 4})
+    scores = score_routes({"copy": ref, "noisy": noisy}, ref, table)
+    assert list(scores.columns) == ["structure", "route", "tp", "fp", "fn", "dice", "iou"]
+    assert (scores[scores.route == "copy"]["dice"] == 1.0).all()
+    one = score_masks(noisy, ref, table)
+    np.testing.assert_array_equal(one["dice"], scores[scores.route == "noisy"]["dice"])
+    summary = summarize(scores, by=("route", "structure"), metrics=["dice"], n_boot=200, seed=3)
+    assert summary.index.names == ["route", "structure"] and (summary["n"] == 4).all()
+    g = scores[(scores.route == "noisy") & (scores.structure == "b")]["dice"].to_numpy()
+    est, lo, hi = bootstrap_ci(g, n_boot=200, seed=3 + 4)  # the fifth group
+    assert summary.loc[("noisy", "b"), "dice"] == est
+    assert summary.loc[("noisy", "b"), "dice_lo"] == pytest.approx(lo) and summary.loc[("noisy", "b"), "dice_hi"] == pytest.approx(hi)
+    rows = scores[(scores.route == "noisy") & (scores.structure == "b")]
+    assert summary.loc[("noisy", "b"), "tp"] == rows["tp"].sum()  # counts are summed
+    listed = summarize(scores, by="structure", metrics=["dice", "iou"], groups=["a", "z"])
+    assert list(listed.index) == ["a", "z"] and listed.loc["z", "n"] == 0 and np.isnan(listed.loc["z", "dice"])
+
+
+def test_any_segmenter_predicts_a_split_in_the_shared_format(dataset):
+    from chexanatomy_lib.evaluation.predictions import predict_split
+
+    class Oracle:
+        """Returns the reference masks of the images it is shown (looked up by content)."""
+
+        structures = NAMES
+
+        def __init__(self):
+            self.calls = []
+
+        def predict(self, images, structures, batch_size=16, progress=False):
+            self.calls.append(len(images))
+            idx = dataset.split_indices("test")[sum(self.calls) - len(images):sum(self.calls)]
+            masks = dataset.masks_for(idx, structures)
+            return masks, np.zeros((*masks.shape[:2], 4), np.float32), np.ones(masks.shape[:2], bool)
+
+    oracle = Oracle()
+    pred = predict_split(oracle, dataset, "test", structures=["lung_left", "heart"], batch_size=2, chunk=1,
+                         progress=False)
+    assert oracle.calls == [2, 1]  # read in chunks of whole batches
+    assert list(pred.image_ids) == ["img8", "img9", "img10"] and list(pred.structures) == ["lung_left", "heart"]
+    np.testing.assert_array_equal(pred.masks, dataset.masks_for(dataset.split_indices("test"), ["lung_left", "heart"]))
+    np.testing.assert_array_equal(pred.rows_of(["img10", "img8"]), [2, 0])
+    with pytest.raises(KeyError, match="img99"):
+        pred.rows_of(["img99"])
+
+
+def test_comparison_table_and_overlays_draw_every_model_one_way(dataset):
+    from chexanatomy_lib.evaluation.figures import comparison_table, plot_overlays
+
+    test = dataset.split_indices("test")
+    gt = dataset.masks_for(test)
+    perfect = Predictions(dataset.index["image_id"].iloc[test], NAMES, gt, np.full((3, 3, 4), np.nan, np.float32),
+                          np.ones((3, 3), bool))
+    _, s_perfect = evaluate_predictions(perfect, dataset, "test", n_boot=20, hd95_structures=[])
+    _, s_base = evaluate_predictions(mean_mask_predictions(dataset, "test"), dataset, "test", n_boot=20,
+                                     hd95_structures=[])
+    table = comparison_table({"perfect": s_perfect, "baseline": s_base}, metrics=("dice",))
+    assert table.index.names == ["structure", "model"] and list(table.columns) == ["n", "invalid", "dice"]
+    assert table.loc[("heart", "perfect"), "dice"] == "1.000 [1.000, 1.000]"
+    assert list(table.index.get_level_values("model")[:2]) == ["perfect", "baseline"]
+    fig = plot_overlays(np.asarray(dataset.images[test]), gt, {"perfect": gt, "baseline": gt}, NAMES,
+                        titles=["a", "b", "c"])
+    labels = [t.get_text() for t in fig.legends[0].get_texts()]
+    assert labels == NAMES + ["reference", "perfect", "baseline"]

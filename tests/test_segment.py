@@ -58,7 +58,7 @@ def test_vlm_segment_writes_masks_overlay_and_json(vlm_checkpoint, tmp_path):
 
 def test_unknown_structure_and_missing_checkpoint_are_clear_errors(vlm_checkpoint, tmp_path):
     from chexanatomy_lib.segment import SegmentError, main_segment
-    from chexanatomy_lib.vlm.model import CheckpointError
+    from chexanatomy_lib.checkpoints import CheckpointError
 
     img = _png(tmp_path / "cxr.png")
     with pytest.raises(SegmentError, match="hart"):

@@ -16,7 +16,9 @@ import torch
 from chexanatomy_lib.ct.dataset import DatasetWriter, ProjectedDataset
 from chexanatomy_lib.unet.checkpoint import CheckpointError
 from chexanatomy_lib.unet.data import Augmentation, SegmentationSamples, default_structures
-from chexanatomy_lib.unet.inference import load_segmenter, masks_to_boxes, predict_split
+from chexanatomy_lib.codec.geometry import masks_to_boxes
+from chexanatomy_lib.evaluation.predictions import predict_split
+from chexanatomy_lib.unet.inference import load_segmenter
 from chexanatomy_lib.unet.loss import MaskedDiceBCELoss
 from chexanatomy_lib.unet.model import UNetConfig
 from chexanatomy_lib.unet.train import TrainConfig, load_history, train_unet

@@ -41,7 +41,7 @@ def test_interrupt_and_resume_gives_the_same_weights(fake, tmp_path):
     assert res_part.steps_done == 2 and not res_part.finished
     assert (tmp_path / "resumed" / "checkpoints" / "step_000002" / "trainer_state.json").is_file()
     resumed, res_resumed = _run(fake, tmp_path / "resumed", save_every=2)
-    assert res_resumed.resumed_from == 2 and res_resumed.finished
+    assert res_resumed.resumed_from_step == 2 and res_resumed.finished
     a = full.core.state_dict()
     b = resumed.core.state_dict()
     assert a.keys() == b.keys()
@@ -55,14 +55,14 @@ def test_interrupt_and_resume_gives_the_same_weights(fake, tmp_path):
     # the loss log of the resumed run continues the interrupted one
     assert [e["step"] for e in res_resumed.log] == [1, 2, 3, 4]
     assert [e["loss"] for e in res_resumed.log] == pytest.approx([e["loss"] for e in res_full.log], rel=1e-5)
-    logged = json.loads((tmp_path / "resumed" / "loss.json").read_text())["log"]
+    logged = json.loads((tmp_path / "resumed" / "training_log.json").read_text())["log"]
     assert len(logged) == 4
 
 
 def test_schedule_warms_up_then_decays_to_zero():
-    from chexanatomy_lib.vlm.train import cosine_with_warmup
+    from chexanatomy_lib.training import learning_rate
 
-    vals = [cosine_with_warmup(s, 10, 100) for s in range(100)]
+    vals = [learning_rate(s, 1.0, 10, 100) for s in range(100)]
     assert vals[0] == pytest.approx(0.1) and vals[9] == pytest.approx(1.0)
     assert all(a >= b for a, b in zip(vals[9:], vals[10:]))
     assert vals[-1] < 0.01
@@ -139,7 +139,7 @@ def test_token_loss_matches_the_model_loss_and_smooths_loc_targets():
 def test_checkpoints_of_other_settings_are_not_resumed(fake, tmp_path):
     _run(fake, tmp_path / "run", save_every=2, stop_after=2)
     _, res = _run(fake, tmp_path / "run", save_every=2, lr=5e-4, steps=3)
-    assert res.resumed_from == 0 and res.finished
+    assert res.resumed_from_step == 0 and res.finished
 
 
 def test_loc_weight_weights_box_tokens_in_the_mean():

@@ -1,33 +1,47 @@
-"""The token codec: every conversion between boxes/masks and PaliGemma tokens.
+"""The token codec: the geometry of boxes and masks and every conversion to and from
+PaliGemma tokens. It knows masks and tokens only (no CT, no model, no scores).
 
-* ``<loc>`` tokens for boxes (:func:`box_to_loc_tokens`, :func:`loc_tokens_to_box`, ...),
-* ``<seg>`` tokens for masks through a mask VQ-VAE (:class:`MaskVQVAE`, :class:`MaskCodec`),
-* prompts, targets and a parser for model output (:func:`format_prompt`,
-  :func:`format_target`, :func:`parse_output`).
+* :mod:`~chexanatomy_lib.codec.geometry`: tight boxes, location bins, pixel boxes,
+  crop windows, resampling weights, crops and pastes;
+* :mod:`~chexanatomy_lib.codec.tokens`: ``<loc>``/``<seg>`` text, prompts, targets and
+  the output parser;
+* :mod:`~chexanatomy_lib.codec.vqvae`, :mod:`~chexanatomy_lib.codec.vqvae_training`:
+  the mask VQ-VAE (ours or big_vision's ``vae-oid.npz``) and its training;
+* :mod:`~chexanatomy_lib.codec.mask_codec`: :class:`MaskCodec`, masks <-> (box, 16 codes).
 """
 
 from .errors import CheckpointError, CodecError
-from .mask_codec import MaskCodec, masks_to_crops, resize_weights
+from .geometry import (
+    box_to_bins,
+    box_to_pixel_box,
+    mask_to_box,
+    masks_to_boxes,
+    masks_to_crops,
+    paste_maps,
+    pixel_boxes,
+    quantise_boxes,
+    resample_masks,
+    resample_weights,
+)
+from .mask_codec import MaskCodec
 from .tokens import (
     ParsedInstance,
-    box_to_bins,
     box_to_loc_tokens,
-    box_to_pixel_box,
     format_prompt,
     format_target,
     loc_tokens_to_box,
-    mask_to_box,
-    masks_to_boxes,
     parse_output,
     pixel_box_to_tokens,
     seg_tokens,
     tokens_to_pixel_box,
 )
-from .vqvae import MaskVQVAE, VQVAEConfig, VQVAETrainConfig, train_vqvae
+from .vqvae import MaskVQVAE, VQVAEConfig
+from .vqvae_training import VQVAETrainConfig, train_vqvae
 
 __all__ = [
     "CheckpointError", "CodecError", "MaskCodec", "MaskVQVAE", "ParsedInstance", "VQVAEConfig",
     "VQVAETrainConfig", "box_to_bins", "box_to_loc_tokens", "box_to_pixel_box", "format_prompt",
-    "format_target", "loc_tokens_to_box", "masks_to_crops", "mask_to_box", "masks_to_boxes", "parse_output", "pixel_box_to_tokens",
-    "resize_weights", "seg_tokens", "tokens_to_pixel_box", "train_vqvae",
+    "format_target", "loc_tokens_to_box", "mask_to_box", "masks_to_boxes", "masks_to_crops", "parse_output",
+    "paste_maps", "pixel_box_to_tokens", "pixel_boxes", "quantise_boxes", "resample_masks", "resample_weights",
+    "seg_tokens", "tokens_to_pixel_box", "train_vqvae",
 ]

@@ -9,21 +9,22 @@ Conventions (big_vision's PaliGemma segmentation format):
   written right after the 4 location tokens: ``<loc×4><seg×16> name``.
 * Several instances are joined with ``" ; "``.
 
-Everything here is pure Python / NumPy; no model is needed.
+The geometry of boxes (binning, pixel boxes) is :mod:`~chexanatomy_lib.codec.geometry`'s;
+this module writes and reads the text. No model is needed.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from dataclasses import dataclass
 from typing import Iterable, Sequence
 
 import numpy as np
 
-NUM_LOC_BINS = 1024
-NUM_SEG_CODES = 128
-NUM_SEG_TOKENS = 16
+from .geometry import NUM_LOC_BINS, bins_to_boxes, box_to_bins, box_to_pixel_box
+
+NUM_SEG_CODES = 128  # <seg000> .. <seg127>: entries of the mask VQ-VAE's codebook
+NUM_SEG_TOKENS = 16  # seg tokens per mask (a 4x4 grid of codes)
 TASKS = ("segment", "detect")
 
 _LOC_RE = re.compile(r"<loc(\d+)>")
@@ -34,28 +35,16 @@ _SPECIAL_END = ("<eos>", "</s>", "<pad>")
 
 
 # --------------------------------------------------------------------------- boxes
-def _as_box(box: Sequence[float] | np.ndarray, what: str = "box") -> np.ndarray:
-    arr = np.asarray(box, dtype=np.float64)
-    if arr.shape != (4,):
-        raise ValueError(f"{what} must have shape [4] (ymin, xmin, ymax, xmax); got {arr.shape}")
-    if not np.all(np.isfinite(arr)):
-        raise ValueError(f"{what} has non-finite values: {arr.tolist()}")
-    return arr
-
-
-def box_to_bins(box: Sequence[float] | np.ndarray) -> np.ndarray:
-    """Normalised box float [4] -> int64 [4] bins in range(1024) (``round(v*1023)``, clipped)."""
-    arr = _as_box(box)
-    # NOTE: np.round rounds half to even, like tf.round used by big_vision.
-    return np.clip(np.round(arr * (NUM_LOC_BINS - 1)), 0, NUM_LOC_BINS - 1).astype(np.int64)
-
-
 def box_to_loc_tokens(box: Sequence[float] | np.ndarray) -> str:
     """Normalised box ``(ymin, xmin, ymax, xmax)`` in [0, 1] -> ``"<loc0123><loc0045><loc0987><loc0800>"``.
 
     Values outside [0, 1] are clipped to the first/last bin (as big_vision does).
+    Raises ``ValueError`` unless the box is 4 finite numbers.
     """
-    return "".join(f"<loc{b:04d}>" for b in box_to_bins(box))
+    arr = np.asarray(box, dtype=np.float64)
+    if arr.shape != (4,):
+        raise ValueError(f"box must have shape [4] (ymin, xmin, ymax, xmax); got {arr.shape}")
+    return "".join(f"<loc{b:04d}>" for b in box_to_bins(arr))
 
 
 def loc_tokens_to_box(text: str) -> np.ndarray:
@@ -70,58 +59,13 @@ def loc_tokens_to_box(text: str) -> np.ndarray:
         raise ValueError(f"expected exactly 4 <locNNNN> tokens, got {text!r}")
     if any(b >= NUM_LOC_BINS for b in bins):
         raise ValueError(f"location bin out of range(1024) in {text!r}")
-    return np.asarray(bins, dtype=np.float64) / (NUM_LOC_BINS - 1)
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight boxes of masks bool [..., H, W] -> float64 [..., 4] normalised ``(ymin, xmin, ymax, xmax)``.
-
-    Pixel-edge convention: rows ``r0..r1`` give ``ymin = r0 / H`` and ``ymax = (r1 + 1) / H``,
-    so a one-pixel object has a box of one pixel. Empty masks give NaN boxes.
-    """
-    m = np.asarray(masks).astype(bool)
-    if m.ndim < 2:
-        raise ValueError(f"masks must be [..., H, W]; got shape {m.shape}")
-    h, w = m.shape[-2:]
-    rows, cols = m.any(-1), m.any(-2)
-    ar_h, ar_w = np.arange(h), np.arange(w)
-    y0 = np.where(rows, ar_h, h).min(-1)
-    y1 = np.where(rows, ar_h, -1).max(-1) + 1
-    x0 = np.where(cols, ar_w, w).min(-1)
-    x1 = np.where(cols, ar_w, -1).max(-1) + 1
-    out = np.stack([y0 / h, x0 / w, y1 / h, x1 / w], -1).astype(np.float64)
-    out[~rows.any(-1)] = np.nan
-    return out
-
-
-def mask_to_box(mask: np.ndarray) -> np.ndarray:
-    """Tight box of one mask bool [H, W] -> float64 [4] (see :func:`masks_to_boxes`).
-
-    Raises ``ValueError`` on an empty mask.
-    """
-    m = np.asarray(mask)
-    if m.ndim != 2:
-        raise ValueError(f"mask must be 2-D [H, W]; got shape {m.shape}")
-    box = masks_to_boxes(m)
-    if np.isnan(box).any():
-        raise ValueError("mask is empty: an empty mask has no box")
-    return box
+    return bins_to_boxes(np.asarray(bins, dtype=np.int64))
 
 
 def pixel_box_to_tokens(pixel_box: Sequence[int], height: int, width: int) -> str:
     """Pixel-edge box ``(y0, x0, y1, x1)`` (ints, ``y1``/``x1`` exclusive) -> 4 location tokens."""
     y0, x0, y1, x1 = (float(v) for v in pixel_box)
     return box_to_loc_tokens([y0 / height, x0 / width, y1 / height, x1 / width])
-
-
-def box_to_pixel_box(box: Sequence[float] | np.ndarray, height: int, width: int) -> tuple[int, int, int, int]:
-    """Normalised box -> pixel box ``(y0, x0, y1, x1)`` by truncation, ``int(v * size)``.
-
-    NOTE: truncation (not rounding) is what big_vision's segmentation evaluator does;
-    the result may collapse (``y1 <= y0``), which callers must treat as invalid.
-    """
-    y0, x0, y1, x1 = _as_box(box)
-    return int(y0 * height), int(x0 * width), int(y1 * height), int(x1 * width)
 
 
 def tokens_to_pixel_box(text: str, height: int, width: int) -> tuple[int, int, int, int]:
@@ -238,7 +182,7 @@ def _parse_instance(chunk: str, task: str, known: set[str] | None) -> ParsedInst
     codes = None
     loc_ok = len(loc) >= 4 and all(b < NUM_LOC_BINS for b in loc[:4])
     if loc_ok:
-        box = np.asarray(loc[:4], dtype=np.float64) / (NUM_LOC_BINS - 1)
+        box = bins_to_boxes(np.asarray(loc[:4], dtype=np.int64))
     seg_ok = len(seg) >= NUM_SEG_TOKENS and all(c < NUM_SEG_CODES for c in seg[:NUM_SEG_TOKENS])
     if seg_ok:
         codes = np.asarray(seg[:NUM_SEG_TOKENS], dtype=np.int64)
@@ -329,7 +273,3 @@ def parse_output(
     except Exception as exc:  # noqa: BLE001  NOTE: the contract is "never raises"
         return [ParsedInstance("", None, None, False, f"bad input: {type(exc).__name__}")]
 
-
-def is_finite_box(box: np.ndarray | None) -> bool:
-    """True when ``box`` is a float [4] with finite values in [0, 1]."""
-    return box is not None and len(box) == 4 and all(math.isfinite(v) and 0.0 <= v <= 1.0 for v in box)

@@ -19,8 +19,7 @@ from __future__ import annotations
 
 import json
 import math
-import time
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
@@ -29,11 +28,12 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .errors import CheckpointError
+from ..checkpoints import CheckpointError
+from .geometry import MASK_SIZE
+from .tokens import NUM_SEG_TOKENS
 
-MASK_SIZE = 64
-GRID = 4
-NUM_TOKENS = GRID * GRID
+GRID = 4  # the encoder's output grid: GRID x GRID codes per mask
+assert GRID * GRID == NUM_SEG_TOKENS
 
 
 @dataclass(frozen=True)
@@ -153,7 +153,7 @@ class MaskVQVAE(nn.Module):
         """Encoder output float [N, D, 4, 4] -> codes int64 [N, 16] (row-major y, x)."""
         n, d = z.shape[:2]
         flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        return self._vq_vae.nearest(flat).reshape(n, NUM_TOKENS)
+        return self._vq_vae.nearest(flat).reshape(n, NUM_SEG_TOKENS)
 
     def embed(self, codes: torch.Tensor) -> torch.Tensor:
         """codes int [N, 16] -> quantised latents float [N, D, 4, 4]."""
@@ -178,7 +178,7 @@ class MaskVQVAE(nn.Module):
         squashing; its output is only nominally in [-1, 1]).
         """
         c = torch.as_tensor(codes).to(self.device).long()
-        if c.ndim != 2 or c.shape[1] != NUM_TOKENS:
+        if c.ndim != 2 or c.shape[1] != NUM_SEG_TOKENS:
             raise ValueError(f"codes must be [N, 16]; got {tuple(c.shape)}")
         if c.numel() and (c.min() < 0 or c.max() >= self.config.num_embeddings):
             raise ValueError(f"codes must be in range({self.config.num_embeddings})")
@@ -194,13 +194,13 @@ class MaskVQVAE(nn.Module):
         """
         path = Path(path)
         if not path.is_file():
-            raise CheckpointError(f"{path}: no such file (the official mask VAE is 'vae-oid.npz', "
+            raise CheckpointError(path, "no such file (the official mask VAE is 'vae-oid.npz', "
                                   "supplied by the user; nothing downloads it)")
         try:
             with np.load(path, allow_pickle=False) as z:
                 arrays = {k: np.asarray(z[k]) for k in z.files}
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{path}: not a readable .npz file ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(path, f"not a readable .npz file ({type(exc).__name__}: {exc})") from None
         return cls.from_state_arrays(arrays, source=str(path))
 
     @classmethod
@@ -209,10 +209,10 @@ class MaskVQVAE(nn.Module):
 
         def get(key: str, ndim: int) -> np.ndarray:
             if key not in arrays:
-                raise CheckpointError(f"{source}: missing key {key!r}")
+                raise CheckpointError(source, f"missing key {key!r}")
             a = arrays[key]
             if a.ndim != ndim:
-                raise CheckpointError(f"{source}: {key!r} has shape {a.shape}, expected {ndim} dims")
+                raise CheckpointError(source, f"{key!r} has shape {a.shape}, expected {ndim} dims")
             return a
 
         emb = get("_vq_vae._embedding", 2)
@@ -232,9 +232,9 @@ class MaskVQVAE(nn.Module):
         state = model.state_dict()
         for key, ref in state.items():
             if key not in arrays:
-                raise CheckpointError(f"{source}: missing key {key!r}")
+                raise CheckpointError(source, f"missing key {key!r}")
             if tuple(arrays[key].shape) != tuple(ref.shape):
-                raise CheckpointError(f"{source}: {key!r} has shape {tuple(arrays[key].shape)}, "
+                raise CheckpointError(source, f"{key!r} has shape {tuple(arrays[key].shape)}, "
                                       f"expected {tuple(ref.shape)}")
             state[key] = torch.from_numpy(np.ascontiguousarray(arrays[key], dtype=np.float32))
         model.load_state_dict(state)
@@ -265,21 +265,21 @@ class MaskVQVAE(nn.Module):
         d = Path(directory)
         for name in ("config.json", "model.safetensors"):
             if not (d / name).is_file():
-                raise CheckpointError(f"{d}: missing {name} (expected a directory written by MaskVQVAE.save)")
+                raise CheckpointError(d, f"missing {name} (expected a directory written by MaskVQVAE.save)")
         try:
             cfg_json = json.loads((d / "config.json").read_text())
             cfg_json.pop("format", None)
             cfg = VQVAEConfig.from_json(cfg_json)
         except (ValueError, TypeError) as exc:
-            raise CheckpointError(f"{d / 'config.json'}: invalid config ({exc})") from None
+            raise CheckpointError(d / "config.json", f"invalid config ({exc})") from None
         try:
             tensors = load_file(str(d / "model.safetensors"))
         except Exception as exc:  # noqa: BLE001
-            raise CheckpointError(f"{d / 'model.safetensors'}: unreadable ({type(exc).__name__}: {exc})") from None
+            raise CheckpointError(d / "model.safetensors", f"unreadable ({type(exc).__name__}: {exc})") from None
         model = cls.from_state_arrays({k: v.numpy() for k, v in tensors.items()},
                                       source=str(d / "model.safetensors"))
         if model.config != cfg:
-            raise CheckpointError(f"{d / 'config.json'}: config {cfg} does not match the weights "
+            raise CheckpointError(d / "config.json", f"config {cfg} does not match the weights "
                                   f"in model.safetensors ({model.config})")
         return model
 
@@ -298,220 +298,3 @@ def _json_default(o: Any) -> Any:
     if isinstance(o, np.ndarray):
         return o.tolist()
     raise TypeError(type(o).__name__)
-
-
-# ---------------------------------------------------------------------- training
-@dataclass
-class VQVAETrainConfig:
-    """Training settings for :func:`train_vqvae`."""
-
-    steps: int = 600  # optimiser steps
-    batch_size: int = 128  # masks per step
-    lr: float = 2e-3  # AdamW peak learning rate (cosine decay, 5% warmup)
-    weight_decay: float = 0.0  # AdamW weight decay
-    grad_clip: float | None = 1.0  # global gradient-norm clip (None = no clipping)
-    mse_weight: float = 1.0  # weight of the squared error to the target 2 * m - 1
-    commitment: float = 0.25  # beta of the commitment loss
-    bce_weight: float = 0.0  # weight of a binary cross-entropy term on the decoder output (logits x 4)
-    dice_weight: float = 0.0  # weight of a soft Dice loss on sigmoid(4 x decoder output), per crop
-    ema_decay: float = 0.95  # codebook EMA decay
-    ae_warmup: float = 0.1  # fraction of steps trained as a plain autoencoder before the codebook is set
-    restart_every: int = 25  # steps between dead-code restarts (0 = never)
-    restart_below: float = 0.5  # an entry with EMA usage below this (per batch) is restarted
-    flip: bool = True  # random horizontal flips as augmentation
-    seed: int = 0  # torch seed (init, batches, restarts)
-    threads: int | None = None  # torch CPU threads while training (None = leave as is; restored afterwards)
-    extra: dict = field(default_factory=dict)  # free-form notes kept in the record
-
-
-def train_vqvae(
-    crops: np.ndarray,
-    model_config: VQVAEConfig | None = None,
-    train_config: VQVAETrainConfig | None = None,
-    device: str | torch.device = "cpu",
-    progress: bool = True,
-    weights: np.ndarray | None = None,
-) -> tuple[MaskVQVAE, dict]:
-    """Train a mask VQ-VAE on soft 64x64 crops.
-
-    crops: float32 [N, 64, 64] in [0, 1] (tight-box crops resized to 64x64).
-    weights: optional float [N] >= 0, relative probability of drawing each crop into a
-    batch (e.g. to balance thin and large structures); None: uniform.
-    A short plain-autoencoder warm-up (``ae_warmup``), then: the codebook initialised
-    from encoder outputs, straight-through estimator for the encoder, EMA codebook (k-means-like updates),
-    commitment loss, dead-code restarts from current encoder outputs, and the
-    reconstruction loss of :func:`reconstruction_loss` (squared error to ``2 * m - 1``
-    plus optional cross-entropy and soft Dice terms; the warm-up uses it too).
-    Returns the model (eval mode, on ``device``) and a training record (config,
-    loss curve, codebook usage and perplexity, wall time).
-    """
-    mc = model_config or VQVAEConfig()
-    tc = train_config or VQVAETrainConfig()
-    data = torch.as_tensor(np.asarray(crops, dtype=np.float32))
-    if data.ndim != 3 or tuple(data.shape[1:]) != (MASK_SIZE, MASK_SIZE) or len(data) == 0:
-        raise ValueError(f"crops must be float [N, 64, 64] with N > 0; got {tuple(data.shape)}")
-    w = None
-    if weights is not None:
-        w = torch.as_tensor(np.asarray(weights, dtype=np.float64))
-        if w.shape != (len(data),) or not torch.isfinite(w).all() or (w < 0).any() or w.sum() <= 0:
-            raise ValueError(f"weights must be finite, >= 0, not all 0, of shape ({len(data)},); "
-                             f"got shape {tuple(w.shape)}")
-    threads_before = torch.get_num_threads()
-    if tc.threads:
-        torch.set_num_threads(tc.threads)
-    try:
-        return _train(data, mc, tc, device, progress, w)
-    finally:
-        torch.set_num_threads(threads_before)
-
-
-def draw_batch(n: int, batch_size: int, generator: torch.Generator, weights: torch.Tensor | None = None
-               ) -> torch.Tensor:
-    """Indices int64 [batch_size] in range(n), drawn with replacement: uniform, or with
-    probability proportional to ``weights`` (float [n] >= 0, not all 0)."""
-    if weights is None:
-        return torch.randint(0, n, (batch_size,), generator=generator)
-    return torch.multinomial(weights, batch_size, replacement=True, generator=generator)
-
-
-def reconstruction_loss(recon: torch.Tensor, m: torch.Tensor, tc: VQVAETrainConfig
-                        ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Decoder output float [B, 64, 64] (inside = > 0) against soft crops m float [B, 64, 64] in [0, 1].
-
-    Returns (weighted loss, squared error to ``2 * m - 1``), both scalar tensors:
-    ``mse_weight`` x squared error + ``bce_weight`` x cross-entropy + ``dice_weight`` x (1 - soft Dice).
-    """
-    mse = F.mse_loss(recon, 2.0 * m - 1.0)
-    loss = tc.mse_weight * mse
-    if tc.bce_weight:
-        # NOTE: the decoder output is thresholded at 0; a cross-entropy on it (scaled
-        # so that +-1 maps to confident logits) weighs the sign at edges more than MSE.
-        loss = loss + tc.bce_weight * F.binary_cross_entropy_with_logits(4.0 * recon, m)
-    if tc.dice_weight:
-        # NOTE: MSE is dominated by the background of a thin structure's box; a soft
-        # Dice per crop weighs a rib's few inside pixels as much as a lung's many.
-        prob = torch.sigmoid(4.0 * recon)
-        inter = (prob * m).sum((1, 2))
-        soft_dice = (2 * inter + 1.0) / (prob.sum((1, 2)) + m.sum((1, 2)) + 1.0)
-        loss = loss + tc.dice_weight * (1.0 - soft_dice).mean()
-    return loss, mse
-
-
-def _optimizer_step(opt: torch.optim.Optimizer, loss: torch.Tensor, params: list, lr: float,
-                    grad_clip: float | None) -> None:
-    """One optimiser step at learning rate ``lr``, gradients clipped to ``grad_clip`` (None: not clipped)."""
-    for g in opt.param_groups:
-        g["lr"] = lr
-    opt.zero_grad(set_to_none=True)
-    loss.backward()
-    if grad_clip:
-        torch.nn.utils.clip_grad_norm_(params, grad_clip)
-    opt.step()
-
-
-def _train(data: torch.Tensor, mc: VQVAEConfig, tc: VQVAETrainConfig, device, progress: bool,
-           weights: torch.Tensor | None = None) -> tuple[MaskVQVAE, dict]:
-    from tqdm.auto import tqdm
-
-    gen = torch.Generator().manual_seed(tc.seed)
-    torch.manual_seed(tc.seed)
-    model = MaskVQVAE(mc).to(device)
-    data = data.to(device)
-    params = list(model.encoder.parameters()) + list(model.decoder.parameters())
-    opt = torch.optim.AdamW(params, lr=tc.lr, weight_decay=tc.weight_decay)
-    warm = max(1, int(0.05 * tc.steps))
-    n_warm = int(tc.ae_warmup * tc.steps) if tc.steps > 1 else 0
-
-    def lr_at(step: int) -> float:
-        if step < warm:
-            return tc.lr * (step + 1) / warm
-        t = (step - warm) / max(1, tc.steps - warm)
-        return tc.lr * (0.02 + 0.98 * 0.5 * (1 + math.cos(math.pi * t)))
-
-    k, d = mc.num_embeddings, mc.embedding_dim
-    ema_count = torch.ones(k, device=device)
-    ema_sum = None
-    history: list[dict] = []
-    t0 = time.perf_counter()
-    usage_total = torch.zeros(k, device=device)
-    model.train()
-    bar = tqdm(range(tc.steps), desc="VQ-VAE", disable=not progress, mininterval=2.0)
-    for step in bar:
-        idx = draw_batch(len(data), tc.batch_size, gen, weights).to(device)
-        m = data[idx]
-        if tc.flip:
-            flip = (torch.rand(len(m), generator=gen) < 0.5).to(device)
-            m = torch.where(flip[:, None, None], m.flip(-1), m)
-        z = model.encode_latent(m)  # [B, D, 4, 4]
-        flat = z.permute(0, 2, 3, 1).reshape(-1, d)
-        if step < n_warm:
-            # NOTE: quantising from step 0 collapsed the codebook onto one code for the
-            # first ~100 steps (an untrained encoder maps every crop to nearly the same
-            # latent); a short autoencoder warm-up spreads the latents first.
-            loss, rec = reconstruction_loss(model.decode_latent(z), m, tc)
-            _optimizer_step(opt, loss, params, lr_at(step), tc.grad_clip)
-            if step % 10 == 0:
-                history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": 0.0,
-                                "perplexity": float("nan"), "restarted": 0})
-            continue
-        with torch.no_grad():
-            if step == n_warm:  # initialise the codebook from encoder outputs
-                pick = torch.randint(0, len(flat), (k,), generator=gen).to(device)
-                model._vq_vae._embedding.copy_(flat[pick] + 1e-3 * torch.randn(k, d, device=device))
-                ema_sum = model._vq_vae._embedding.clone()
-            codes = model._vq_vae.nearest(flat)
-            onehot = F.one_hot(codes, k).type_as(flat)
-            counts = onehot.sum(0)
-            usage_total += counts
-            ema_count.mul_(tc.ema_decay).add_(counts, alpha=1 - tc.ema_decay)
-            ema_sum.mul_(tc.ema_decay).add_(onehot.T @ flat, alpha=1 - tc.ema_decay)
-            n = ema_count.sum()
-            smoothed = (ema_count + 1e-5) / (n + k * 1e-5) * n
-            model._vq_vae._embedding.copy_(ema_sum / smoothed[:, None])
-            restarted = 0
-            if tc.restart_every and step > n_warm and (step - n_warm) % tc.restart_every == 0:
-                dead = torch.nonzero(ema_count < tc.restart_below).flatten()
-                if len(dead):
-                    pick = torch.randint(0, len(flat), (len(dead),), generator=gen).to(device)
-                    model._vq_vae._embedding[dead] = flat[pick]
-                    ema_sum[dead] = flat[pick]
-                    ema_count[dead] = 1.0
-                    restarted = int(len(dead))
-        q = model._vq_vae._embedding[codes]
-        commit = F.mse_loss(flat, q)
-        q_st = flat + (q - flat).detach()
-        recon = model.decode_latent(q_st.reshape(z.shape[0], GRID, GRID, d).permute(0, 3, 1, 2))
-        loss, rec = reconstruction_loss(recon, m, tc)
-        loss = loss + tc.commitment * commit
-        _optimizer_step(opt, loss, params, lr_at(step), tc.grad_clip)
-        if step % 10 == 0 or step == tc.steps - 1:
-            probs = counts / counts.sum()
-            perplexity = float(torch.exp(-(probs * torch.log(probs + 1e-10)).sum()))
-            history.append({"step": step, "recon_mse": float(rec.detach()), "commitment": float(commit.detach()),
-                            "perplexity": perplexity, "restarted": restarted})
-            bar.set_postfix(mse=f"{history[-1]['recon_mse']:.4f}", ppl=f"{perplexity:.0f}")
-    model.eval()
-    wall = time.perf_counter() - t0
-    # Codebook usage over the whole training set with the final weights.
-    final_counts = torch.zeros(k, dtype=torch.long)
-    with torch.no_grad():
-        for s in range(0, len(data), 1024):
-            c = model.encode(data[s:s + 1024]).cpu().flatten()
-            final_counts += torch.bincount(c, minlength=k)
-    p = final_counts.double() / final_counts.sum()
-    record = {
-        "model_config": mc.to_json(),
-        "train_config": asdict(tc),
-        "n_train_crops": int(len(data)),
-        "weighted_sampling": weights is not None,
-        "wall_s": round(wall, 2),
-        "history": history,
-        "final_recon_mse": history[-1]["recon_mse"] if history else None,
-        "codebook_used": int((final_counts > 0).sum()),
-        "codebook_size": k,
-        "codebook_perplexity": float(torch.exp(-(p * torch.log(p + 1e-12)).sum())),
-        "code_counts": final_counts.tolist(),
-        "device": str(device),
-        "torch": torch.__version__,
-    }
-    return model, record

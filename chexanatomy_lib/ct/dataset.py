@@ -31,13 +31,14 @@ from typing import Any, Iterable, Sequence
 import numpy as np
 
 from .errors import DatasetError, RegistryError
+from .geometry import VIEWS
 
 FORMAT_NAME = "chexanatomy.projected_dataset"
 FORMAT_VERSION = 1
 REQUIRED_META = ("pixel_spacing_mm", "view_geometry", "mask_threshold_mm")
 INDEX_COLUMNS = ("image_id", "case_id", "copy_id", "view", "split")
 ID_COLUMNS = ("image_id", "case_id", "copy_id")
-VIEWS = ("pa", "lateral")
+#: Split names; also the values a data manifest may fix per case.
 SPLITS = ("train", "val", "test")
 FILES = ("dataset.json", "index.csv", "images.npy", "masks.npy", "absent.npy", "truncated.npy", "splits.json")
 # NOTE: meta keys that may differ between shards of one synthesis run.
@@ -524,6 +525,32 @@ class ProjectedDataset:
         if view is not None:
             keep = keep & (self.index["view"] == view).to_numpy()
         return np.flatnonzero(keep).astype(np.int64)
+
+    def present_masks(self, indices: Sequence[int], structures: Sequence[str] | None = None,
+                      exclude_truncated: bool = False):
+        """The non-empty masks of some images, one row each: ``(bool [M, H, W], table)``.
+
+        The table (pandas) has columns ``index, image_id, view, structure``, one row per
+        mask in the same order. Absent structures are skipped; truncated ones too when
+        ``exclude_truncated``. ``structures``: which (default: all, dataset order).
+        """
+        import pandas as pd
+
+        names = list(self.structures) if structures is None else list(structures)
+        ch = [self.structures.index(n) for n in names]
+        masks, rows = [], []
+        for i in indices:
+            m = self.masks_for([i], names)[0]
+            keep = m.reshape(len(names), -1).any(1)
+            if exclude_truncated:
+                keep &= ~self.truncated[i, ch]
+            for k in np.flatnonzero(keep):
+                rows.append({"index": int(i), "image_id": self.index["image_id"].iloc[i],
+                             "view": self.index["view"].iloc[i], "structure": names[k]})
+            masks.append(m[keep])
+        size = int(self.image_size)
+        stacked = np.concatenate(masks) if masks else np.zeros((0, size, size), bool)
+        return stacked, pd.DataFrame(rows, columns=["index", "image_id", "view", "structure"])
 
 
 def pack_masks(masks):

@@ -42,6 +42,7 @@ VIEW_AXES: dict[str, tuple[tuple[float, float, float], ...]] = {
     "pa": ((0.0, 1.0, 0.0), (-1.0, 0.0, 0.0), (0.0, 0.0, -1.0)),
     "lateral": ((-1.0, 0.0, 0.0), (0.0, -1.0, 0.0), (0.0, 0.0, -1.0)),
 }
+#: The views a projected dataset may hold.
 VIEWS = tuple(VIEW_AXES)
 
 

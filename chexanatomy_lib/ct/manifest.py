@@ -28,9 +28,9 @@ from pathlib import Path
 from typing import Any
 
 from ..provenance import sha256_file
+from .dataset import SPLITS
 from .errors import ChecksumError, ManifestError
 
-SPLITS = ("train", "val", "test")
 CASE_KEYS = {"case_id", "ct", "labels", "split", "sha256"}
 MANIFEST_KEYS = {"name", "description", "licence", "origin", "data_root", "cases", "notes"}
 _VAR = re.compile(r"\$(\w+)|\$\{(\w+)\}")

@@ -28,6 +28,7 @@ that agree with it (Dice above 0.98 for lungs and heart on the bundled CT, see
 
 from __future__ import annotations
 
+import functools
 from contextlib import contextmanager
 from typing import Iterator
 
@@ -62,9 +63,10 @@ class RayMarcher:
     ``mu`` and ``labels`` share one voxel grid; ``affine`` maps voxel indices
     ``(i, j, k)`` (voxel centres) to world millimetres. ``labels`` holds
     *compact* label indices ``0..L-1`` (0 = unlabelled); see
-    :func:`compact_labels`. Both volumes are read piecewise constant (nearest
-    voxel), as in Siddon's method, so a ray's path length in a label is the
-    number of its samples falling in that label's voxels times the step.
+    :func:`~chexanatomy_lib.ct.cohort.compact_lookup`. Both volumes are read
+    piecewise constant (nearest voxel), as in Siddon's method, so a ray's path
+    length in a label is the number of its samples falling in that label's
+    voxels times the step.
 
     ``device``: where the volume lives and rays are traced (``"cpu"``,
     ``"cuda"``; None: the device of ``mu`` if it is a tensor, else the CPU).
@@ -272,14 +274,10 @@ def _gather(first: torch.Tensor, stride: torch.Tensor, k: torch.Tensor, voxels: 
     return total, key
 
 
-_COMPILED: dict = {}
-
-
+@functools.cache
 def _compiled_gather():
     """:func:`_gather` compiled once per process (``torch.compile``, dynamic shapes)."""
-    if "gather" not in _COMPILED:
-        _COMPILED["gather"] = torch.compile(_gather, dynamic=True)
-    return _COMPILED["gather"]
+    return torch.compile(_gather, dynamic=True)
 
 
 def _clip_to_box(src: torch.Tensor, direction: torch.Tensor, shape: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
@@ -299,21 +297,6 @@ def _clip_to_box(src: torch.Tensor, direction: torch.Tensor, shape: torch.Tensor
     near = torch.where(par, torch.where(inside, -inf, inf), near)
     far = torch.where(par, torch.where(inside, inf, -inf), far)
     return near.amax(dim=1).clamp(min=0.0), far.amin(dim=1)
-
-
-def compact_labels(labelmap: np.ndarray | torch.Tensor) -> tuple[torch.Tensor, np.ndarray]:
-    """Renumber a labelmap to ``0..L-1``.
-
-    Returns ``compact`` (``int64 [X, Y, Z]``) and ``ids`` (``int64 [L]``, the
-    original id of each compact index; ``ids[0] == 0`` = unlabelled).
-    """
-    lab = torch.as_tensor(np.asarray(labelmap)).long()
-    ids = torch.unique(lab)
-    if ids.numel() == 0 or ids[0] != 0:
-        ids = torch.cat([torch.zeros(1, dtype=torch.long), ids])
-    ids = torch.unique(ids)
-    compact = torch.searchsorted(ids, lab.reshape(-1)).reshape(lab.shape)
-    return compact, ids.numpy()
 
 
 def gaussian_blur_2d(images: torch.Tensor, sigma_px: float) -> torch.Tensor:
@@ -368,14 +351,20 @@ def smooth_masks(masks: torch.Tensor, sigma_px: float) -> torch.Tensor:
 def masks_from_path_lengths(path_mm: torch.Tensor, groups: list[list[int]], threshold_mm: float) -> torch.Tensor:
     """Binary masks from per-label path lengths.
 
-    ``path_mm`` ``float32 [N, L]`` (mm), ``groups[s]`` the compact label
-    indices making up structure ``s`` (one for a TotalSegmentator class,
-    several for a union such as a whole lung). A ray belongs to structure ``s``
-    when its summed path length through the group exceeds ``threshold_mm``.
-    Returns ``bool [S, N]``.
+    ``path_mm`` ``float32 [..., N, L]`` (mm, e.g. ``[B, H*W, L]`` from
+    :meth:`RayMarcher.project_images`), ``groups[s]`` the compact label indices
+    making up structure ``s`` (one for a TotalSegmentator class, several for a
+    union such as a whole lung; empty for a structure not in the volume). A ray
+    belongs to structure ``s`` when its summed path length through the group
+    exceeds ``threshold_mm`` (>= 0, so an empty group gives an empty mask).
+    Returns ``bool [..., S, N]`` on the device of ``path_mm``.
     """
-    out = torch.zeros(len(groups), path_mm.shape[0], dtype=torch.bool)
+    if not threshold_mm >= 0:
+        raise ValueError(f"threshold_mm must be >= 0, got {threshold_mm}")
+    # one product with a 0/1 membership matrix sums every group of every ray at once,
+    # on the device the rays were traced on
+    member = torch.zeros(path_mm.shape[-1], len(groups), device=path_mm.device)
     for s, g in enumerate(groups):
-        if g:
-            out[s] = path_mm[:, g].sum(dim=1) > threshold_mm
-    return out
+        member[g, s] = 1.0
+    lengths = path_mm @ member  # [..., N, S] mm through each structure
+    return (lengths > threshold_mm).transpose(-1, -2)

@@ -4,7 +4,8 @@ The registry is data (``structures.yaml`` beside this module); this module only
 loads, validates and queries it. Every other part of the library refers to a
 structure by its canonical name (TotalSegmentator spelling, e.g.
 ``"lung_upper_lobe_left"``, ``"rib_right_4"``) and asks the registry for display
-names, synonyms, categories and label ids.
+names, synonyms, categories, label ids and display groups (:func:`structure_groups`,
+:func:`group_of`).
 
 >>> reg = load_registry()
 >>> reg.resolve("Cardiac silhouette").name
@@ -28,6 +29,17 @@ from .errors import RegistryError, UnknownLabelError, UnknownStructureError
 REGISTRY_PATH = Path(__file__).with_name("structures.yaml")
 
 CATEGORIES = ("lung", "heart", "vessel", "airway", "rib", "vertebra", "bone", "organ", "other")
+
+#: Display groups of structures (figures and per-group scores), in display order:
+#: group -> (category, name prefix); a structure joins the first group whose
+#: category (when given) and name prefix (when given) it matches.
+GROUPS: dict[str, tuple[str | None, str | None]] = {
+    "lungs": ("lung", None),
+    "heart": ("heart", None),
+    "clavicles": (None, "clavicula"),
+    "ribs": ("rib", "rib_"),
+    "spine": ("vertebra", None),
+}
 
 
 def normalize(text: str) -> str:
@@ -271,3 +283,30 @@ def load_registry(path: str | Path | None = None) -> Registry:
     (duplicate names, ids, display names or synonyms; unknown members, tasks or
     categories)."""
     return _load_cached(str(Path(path or REGISTRY_PATH).resolve()))
+
+
+def _group(s: Structure) -> str | None:
+    """The first of :data:`GROUPS` that ``s`` belongs to, or None."""
+    for group, (category, prefix) in GROUPS.items():
+        if (category is None or s.category == category) and (prefix is None or s.name.startswith(prefix)):
+            return group
+    return None
+
+
+def structure_groups(names: Iterable[str]) -> dict[str, list[str]]:
+    """Split canonical names into the :data:`GROUPS` lungs, heart, clavicles, ribs, spine
+    (every group a key, in that order; names in the order given; others dropped)."""
+    reg = load_registry()
+    out: dict[str, list[str]] = {g: [] for g in GROUPS}
+    for n in names:
+        g = _group(reg.get(n))
+        if g is not None:
+            out[g].append(n)
+    return out
+
+
+def group_of(names: Iterable[str]) -> dict[str, str]:
+    """Canonical name -> its group in :data:`GROUPS` (``"other"`` when none), in the order given."""
+    names = list(names)
+    lookup = {n: g for g, ns in structure_groups(names).items() for n in ns}
+    return {n: lookup.get(n, "other") for n in names}

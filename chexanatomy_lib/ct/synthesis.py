@@ -3,7 +3,7 @@
 :func:`synthesize_dataset` turns CT cases into a projected dataset (format:
 :mod:`chexanatomy_lib.ct.dataset`): for every case ``n_copies`` deformed
 copies, for every copy and view ``poses_per_copy`` poses, each rendered as a
-radiograph plus one binary mask per structure. :func:`render_sample` renders
+radiograph plus one binary mask per structure. A :class:`CaseRenderer` renders
 any row of such a dataset again, at any resolution.
 
 A structure's mask is the set of pixels whose ray runs more than
@@ -27,7 +27,7 @@ import numpy as np
 from .cohort import CopySpec, PoseRanges, SourceCT, WorkingVolume, make_working_volume, sample_copies, sample_poses
 from .detector import MU_WATER_PER_MM, DetectorModel
 from .errors import CTInputError
-from .geometry import VIEWS, Detector, PatientPose, patient_rays
+from .geometry import VIEWS, Detector, PatientPose
 
 POSE_COLUMNS = ("tx", "ty", "tz", "rx", "ry", "rz", "sod")
 
@@ -78,7 +78,7 @@ class RenderSettings:
         return cls(**d, detector=DetectorModel(**det))
 
 
-def structure_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[list[int]]:
+def label_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[list[int]]:
     """For each structure name, the compact label indices (into ``label_ids``) of its
     ``total`` ids present in the volume; empty when none is present."""
     from .registry import load_registry
@@ -144,7 +144,7 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
     import torch
 
     from .geometry import magnification, patient_ray_grid
-    from .projector import RayMarcher, smooth_masks
+    from .projector import RayMarcher, masks_from_path_lengths, smooth_masks
 
     if len(views) != len(poses):
         raise ValueError(f"{len(views)} views for {len(poses)} poses")
@@ -162,11 +162,7 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
         line, path = marcher.project_images(*grids.transpose(1, 0, 2), n, n)
     images = settings.detector(line.view(b, n, n), noise_seeds)
 
-    member = torch.zeros(len(volume.label_ids), len(groups), device=marcher.device)
-    for s, g in enumerate(groups):
-        member[g, s] = 1.0
-    lengths = path @ member  # [B, H*W, S] mm through each structure
-    masks = (lengths > settings.mask_threshold_mm).transpose(1, 2).reshape(b, len(groups), n, n)
+    masks = masks_from_path_lengths(path, groups, settings.mask_threshold_mm).reshape(b, len(groups), n, n)
     if settings.mask_smoothing_mm > 0:
         sigmas = [settings.mask_smoothing_mm * magnification(det, p) / settings.pixel_spacing_mm for p in poses]
         masks = torch.stack([smooth_masks(masks[k], s) for k, s in enumerate(sigmas)])
@@ -270,7 +266,7 @@ def synthesize_dataset(
     """
     from tqdm.auto import tqdm
 
-    from .dataset import DatasetWriter, choose_split_unit, make_splits, pack_masks
+    from .dataset import SPLITS, DatasetWriter, choose_split_unit, make_splits, pack_masks
 
     settings = replace(settings or RenderSettings(), image_size=int(image_size))
     views = list(views)
@@ -311,7 +307,7 @@ def synthesize_dataset(
         unit = "case"
         splits = {"unit": "case", "seed": None, "fractions": None,
                   "rule": "fixed per case by the data manifest",
-                  "assignment": {s: sorted(k for k, v in fixed.items() if v == s) for s in ("train", "val", "test")}}
+                  "assignment": {s: sorted(k for k, v in fixed.items() if v == s) for s in SPLITS}}
     else:
         unit = choose_split_unit(case_ids)
         ids = case_ids if unit == "case" else [c.copy_id for c, _ in jobs]
@@ -348,7 +344,7 @@ def synthesize_dataset(
             if source is None or source.case_id != copy.case_id:
                 case = loaded.get(copy.case_id) or _case_of(next(c for c in cases if str(c.case_id) == copy.case_id))
                 source = SourceCT.from_case(case, settings.mu_water)
-                groups = structure_groups(names, source.label_ids)
+                groups = label_groups(names, source.label_ids)
             volume = make_working_volume(source, settings.working_spacing_mm, copy,
                                          device=None if dev == "cpu" else dev)
             marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
@@ -460,52 +456,52 @@ def synthesis_arguments(params: dict[str, Any]) -> dict[str, Any]:
     return out
 
 
-#: The last prepared CT and deformed copy, reused by consecutive `render_sample` calls
-#: for the same case and copy (e.g. one row at several sizes): preparing the CT takes
-#: seconds, rendering one more size a fraction of that.
-_VOLUME_CACHE: dict[str, Any] = {}
+class CaseRenderer:
+    """Renders rows of a projected dataset again from their CT, at any resolution.
 
-
-def _cached_volume(case: Any, settings: RenderSettings, copy: CopySpec) -> tuple[Any, Any]:
-    """(SourceCT, WorkingVolume) for ``case`` deformed by ``copy``, from the one-entry cache when it matches."""
-    c = _VOLUME_CACHE
-    if c.get("case") is not case or c.get("mu_water") != settings.mu_water:
-        c.clear()
-        c.update(case=case, mu_water=settings.mu_water, source=SourceCT.from_case(case, settings.mu_water))
-    key = (repr(copy), settings.working_spacing_mm)
-    if c.get("volume_key") != key:
-        c["volume"] = make_working_volume(c["source"], settings.working_spacing_mm, copy)
-        c["volume_key"] = key
-    return c["source"], c["volume"]
-
-
-def render_sample(case: Any, row: dict, image_size: int, settings: RenderSettings | dict | None = None,
-                  structures: Sequence[str] | None = None, threads: int | None = 1,
-                  ) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
-    """Render one dataset row again (any resolution): ``(image, masks, absent, truncated)``.
-
-    ``case``: the row's source CT (CTCase or CaseSpec); ``row``: a row of
-    ``index.csv`` (dict or pandas Series); ``settings``: the dataset's
-    ``meta["render_settings"]`` (dict) or a :class:`RenderSettings`; the image
-    size is replaced by ``image_size`` and the detector field kept, so masks
-    at 896 px cover what 256 px masks cover. ``structures``: channel order
-    (the dataset's ``structures``); None: all present in the case.
-    Shapes as in :func:`render_view`.
+    ``case``: the source CT of the rows (CTCase, or manifest CaseSpec, loaded
+    here); ``settings``: the dataset's ``meta["render_settings"]`` (dict) or a
+    :class:`RenderSettings` (None: the defaults). The CT is prepared once
+    (:attr:`source`) and the last deformed copy kept (:attr:`volume`), so one
+    row at several sizes, or several rows of one copy, pay for that once:
+    preparing the CT takes seconds, rendering one more size a fraction of that.
     """
-    row = dict(row)
-    case = _case_of(case)
-    _check_case(case)
-    if str(case.case_id) != str(row["case_id"]):
-        raise ValueError(f"row belongs to case {row['case_id']!r}, got case {case.case_id!r}")
-    if isinstance(settings, dict):
-        settings = RenderSettings.from_dict(settings)
-    settings = replace(settings or RenderSettings(), image_size=int(image_size))
-    names_given = list(structures) if structures is not None else None
-    pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
-    from .projector import torch_threads
 
-    with torch_threads(threads):
-        source, volume = _cached_volume(case, settings, CopySpec.from_row(row))
-        names = names_given if names_given is not None else structures_present(source.label_ids)
-        return render_view(volume, str(row["view"]), pose, settings, structure_groups(names, source.label_ids),
-                           int(row["noise_seed"]))
+    def __init__(self, case: Any, settings: RenderSettings | dict | None = None):
+        case = _case_of(case)
+        _check_case(case)
+        if isinstance(settings, dict):
+            settings = RenderSettings.from_dict(settings)
+        self.case_id = str(case.case_id)  # the case every rendered row must belong to
+        self.settings = settings or RenderSettings()  # image_size is replaced per call
+        self.source = SourceCT.from_case(case, self.settings.mu_water)  # the prepared CT
+        self.volume: WorkingVolume | None = None  # the last deformed copy rendered
+
+    def _volume_of(self, copy: CopySpec) -> WorkingVolume:
+        if self.volume is None or self.volume.copy != copy:
+            self.volume = make_working_volume(self.source, self.settings.working_spacing_mm, copy)
+        return self.volume
+
+    def render(self, row: Any, image_size: int, structures: Sequence[str] | None = None,
+               threads: int | None = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+        """Render one dataset row again: ``(image, masks, absent, truncated)``.
+
+        ``row``: a row of ``index.csv`` (dict or pandas Series) of this case;
+        ``image_size``: pixels per side, the detector field kept, so masks at 896 px
+        cover what 256 px masks cover; ``structures``: channel order (the
+        dataset's ``structures``; None: all present in the case); ``threads``:
+        torch threads while rendering (None: leave as is). At the dataset's own
+        size the outputs equal the stored ones. Shapes as in :func:`render_view`.
+        """
+        from .projector import torch_threads
+
+        row = dict(row)
+        if self.case_id != str(row["case_id"]):
+            raise ValueError(f"row belongs to case {row['case_id']!r}, got case {self.case_id!r}")
+        settings = replace(self.settings, image_size=int(image_size))
+        pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
+        names = list(structures) if structures is not None else structures_present(self.source.label_ids)
+        with torch_threads(threads):
+            volume = self._volume_of(CopySpec.from_row(row))
+            return render_view(volume, str(row["view"]), pose, settings, label_groups(names, self.source.label_ids),
+                               int(row["noise_seed"]))

@@ -1,5 +1,11 @@
-"""Evaluation: the project's one metrics module, the predictions format, baselines and scoring.
+"""Evaluation: everything that scores and compares, for every model alike.
+
+- `chexanatomy_lib.evaluation.metrics`      Dice, IoU, HD95, box IoU, bootstrap intervals, invalid rate
+- `chexanatomy_lib.evaluation.predictions`  the predictions format on disk, `predict_split` for any segmenter
+- `chexanatomy_lib.evaluation.baselines`    the mean-training-mask baseline
+- `chexanatomy_lib.evaluation.evaluate`     `evaluate_predictions`, `score_masks`, `summarize` (the one summary)
+- `chexanatomy_lib.evaluation.figures`      the palette, comparison tables, bar charts and overlays
 
 Submodules are imported explicitly (``from chexanatomy_lib.evaluation.metrics import dice``)
-so that importing the package stays light.
+so that importing the package stays light. Nothing here depends on a particular model.
 """

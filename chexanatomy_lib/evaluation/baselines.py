@@ -4,16 +4,8 @@ from __future__ import annotations
 
 import numpy as np
 
+from ..codec.geometry import masks_to_boxes
 from .predictions import Predictions
-
-
-def _box_of(mask: np.ndarray) -> np.ndarray:
-    rows = np.flatnonzero(mask.any(1))
-    cols = np.flatnonzero(mask.any(0))
-    if rows.size == 0:
-        return np.full(4, np.nan, np.float32)
-    h, w = mask.shape
-    return np.array([rows[0] / h, cols[0] / w, (rows[-1] + 1) / h, (cols[-1] + 1) / w], np.float32)
 
 
 def mean_mask_predictions(dataset, split: str = "test", per_view: bool = True,
@@ -45,7 +37,7 @@ def mean_mask_predictions(dataset, split: str = "test", per_view: bool = True,
     n, s = len(target), len(names)
     masks = np.zeros((n, s, size, size), bool)
     boxes = np.full((n, s, 4), np.nan, np.float32)
-    box_cache = {v: np.stack([_box_of(m) for m in t]) for v, t in templates.items()}
+    box_cache = {v: masks_to_boxes(t).astype(np.float32) for v, t in templates.items()}
     for k, i in enumerate(target):
         view = dataset.index["view"].iloc[i] if per_view else None
         masks[k] = templates[view]

@@ -16,6 +16,10 @@ Policies (documented choices):
 * Structures cut by the CT's field of view (``truncated``) are excluded by default.
 * HD95 is computed for ``hd95_structures`` only (default: all); pass a short list
   (or ``[]``) when time matters: it is by far the slowest metric.
+
+:func:`score_masks` scores any masks against references the same way (the codec's
+round trips in chapter 2), and :func:`summarize` is the one summary of every score
+table: per group, the mean and 95% bootstrap interval of each metric.
 """
 
 from __future__ import annotations
@@ -25,8 +29,10 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
-from ..codec.tokens import masks_to_boxes
-from .metrics import box_iou, bootstrap_table, dice_from_counts, hd95, iou_from_counts
+from ..codec.geometry import masks_to_boxes
+from .metrics import (
+    box_iou, bootstrap_table, confusion_counts, dice_from_counts, hd95, invalid_rate, iou_from_counts,
+)
 from .predictions import Predictions, PredictionsError
 
 METRICS = ("dice", "iou", "hd95", "box_iou", "box_acc@0.5", "box_acc@0.75")
@@ -116,74 +122,67 @@ def evaluate_predictions(
     per_image = (pd.concat(frames, ignore_index=True) if frames else
                  pd.DataFrame(columns=["image_id", "view", "structure", "tp", "fp", "fn", *METRICS,
                                        "valid", "absent"]))
-    return per_image, summarize(per_image, names, n_boot=n_boot, seed=seed)
+    return per_image, summarize(per_image, "structure", METRICS, n_boot=n_boot, seed=seed, groups=names)
 
 
-def summarize(per_image: pd.DataFrame, structures: Sequence[str] | None = None, n_boot: int = 1000,
-              seed: int = 0) -> pd.DataFrame:
-    """Per-structure means and 95% bootstrap CIs (over images) of a ``per_image`` table."""
-    names = list(structures) if structures is not None else list(dict.fromkeys(per_image["structure"]))
+def score_masks(pred: np.ndarray, ref: np.ndarray, table: pd.DataFrame | None = None) -> pd.DataFrame:
+    """Score masks against references: bool [M, H, W] each -> one row per mask.
+
+    ``table`` (M rows: what each mask is, e.g. ``structure``) gets the columns ``tp``,
+    ``fp``, ``fn``, ``dice`` and ``iou`` (NaN where both masks are empty).
+    """
+    tp, fp, fn = confusion_counts(pred, ref)
+    out = (table.copy() if table is not None else pd.DataFrame(index=range(len(tp)))).reset_index(drop=True)
+    out["tp"], out["fp"], out["fn"] = tp, fp, fn
+    out["dice"] = dice_from_counts(tp, fp, fn)
+    out["iou"] = iou_from_counts(tp, fp, fn)
+    return out
+
+
+def score_routes(routes: dict[str, np.ndarray], ref: np.ndarray, table: pd.DataFrame) -> pd.DataFrame:
+    """:func:`score_masks` of several predictions of the same masks: ``{route: bool [M, H, W]}``
+    against ref bool [M, H, W] -> one row per (mask, route), ``route`` column added."""
+    return pd.concat([score_masks(masks, ref, table.assign(route=route)) for route, masks in routes.items()],
+                     ignore_index=True)
+
+
+def summarize(scores: pd.DataFrame, by: str | Sequence[str] = "structure", metrics: Sequence[str] = METRICS,
+              n_boot: int = 1000, seed: int = 0, groups: Sequence | None = None) -> pd.DataFrame:
+    """Per group of ``by``: ``n`` (rows), and per metric the mean, ``<metric>_lo`` and ``<metric>_hi``
+    (95% percentile bootstrap over rows, all metrics resampled together; NaN entries are not scored).
+
+    groups: the group keys to report, in order (default: the order of first appearance);
+    a group without rows gets ``n = 0`` and NaN. The bootstrap of the k-th group is seeded
+    with ``seed + k``. Where ``scores`` has a ``valid`` column the summary has
+    ``invalid_rate``; where it has ``tp``, ``fp``, ``fn`` their sums. Returns a DataFrame
+    indexed by ``by``.
+    """
+    keys = [by] if isinstance(by, str) else list(by)
+    metrics = list(metrics)
+    found = dict(tuple(scores.groupby(keys if len(keys) > 1 else keys[0], sort=False))) if len(scores) else {}
+    order = list(groups) if groups is not None else list(found)
     rows = []
-    groups = dict(tuple(per_image.groupby("structure", sort=False))) if len(per_image) else {}
-    for k, name in enumerate(names):
-        g = groups.get(name)
-        row: dict = {"structure": name, "n": 0 if g is None else len(g)}
-        if g is None or len(g) == 0:
+    for k, key in enumerate(order):
+        g = found.get(key)
+        row: dict = dict(zip(keys, key if isinstance(key, tuple) else (key,)))
+        row["n"] = 0 if g is None else len(g)
+        if "valid" in scores.columns:
             row["invalid_rate"] = np.nan
-            for m in METRICS:
+        if g is None or len(g) == 0:
+            for m in metrics:
                 row[m] = row[f"{m}_lo"] = row[f"{m}_hi"] = np.nan
         else:
-            vals = g[list(METRICS)].to_numpy(dtype=np.float64)
-            mean, lo, hi = bootstrap_table(vals, n_boot=n_boot, seed=seed + k)
-            for c, m in enumerate(METRICS):
+            mean, lo, hi = bootstrap_table(g[metrics].to_numpy(dtype=np.float64), n_boot=n_boot, seed=seed + k)
+            for c, m in enumerate(metrics):
                 row[m], row[f"{m}_lo"], row[f"{m}_hi"] = mean[c], lo[c], hi[c]
-            row["invalid_rate"] = float(1.0 - g["valid"].astype(float).mean())
-            row["tp"], row["fp"], row["fn"] = int(g["tp"].sum()), int(g["fp"].sum()), int(g["fn"].sum())
+            if "valid" in g.columns:
+                row["invalid_rate"] = invalid_rate(g["valid"].to_numpy(dtype=bool))
+            for c in ("tp", "fp", "fn"):
+                if c in g.columns:
+                    row[c] = int(g[c].sum())
         rows.append(row)
-    return pd.DataFrame(rows).set_index("structure")
-
-
-def plot_summary(summaries: dict[str, pd.DataFrame], metric: str = "dice", structures: Sequence[str] | None = None,
-                 ax=None, title: str | None = None):
-    """Per-structure bar chart with 95% CIs comparing models.
-
-    summaries: ``{model name: summary DataFrame}`` (from :func:`evaluate_predictions`).
-    Returns the matplotlib Axes.
-    """
-    import matplotlib.pyplot as plt
-
-    if metric not in METRICS and metric != "invalid_rate":
-        raise ValueError(f"metric must be one of {METRICS + ('invalid_rate',)}; got {metric!r}")
-    models = list(summaries)
-    if structures is None:
-        seen: dict = {}
-        for s in summaries.values():
-            for name in s.index:
-                seen.setdefault(name, None)
-        structures = list(seen)
-    structures = list(structures)
-    if ax is None:
-        _, ax = plt.subplots(figsize=(max(6.0, 0.35 * len(structures) * max(1, len(models)) + 2), 4))
-    width = 0.8 / max(1, len(models))
-    x = np.arange(len(structures))
-    for k, model in enumerate(models):
-        s = summaries[model].reindex(structures)
-        mean = s[metric].to_numpy(dtype=float)
-        if f"{metric}_lo" in s:
-            lo = s[f"{metric}_lo"].to_numpy(dtype=float)
-            hi = s[f"{metric}_hi"].to_numpy(dtype=float)
-            err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
-            err = np.nan_to_num(err)
-        else:
-            err = None
-        ax.bar(x + (k - (len(models) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=err,
-               capsize=2, label=model)
-    ax.set_xticks(x)
-    ax.set_xticklabels(structures, rotation=60, ha="right", fontsize=8)
-    ax.set_ylabel(metric + (" (mean, 95% CI)" if metric != "invalid_rate" else ""))
-    if metric in ("dice", "iou", "box_iou", "box_acc@0.5", "box_acc@0.75", "invalid_rate"):
-        ax.set_ylim(0, 1.05)
-    if title:
-        ax.set_title(title)
-    ax.legend(fontsize=8)
-    return ax
+    columns = [*keys, "n", *(c for m in metrics for c in (m, f"{m}_lo", f"{m}_hi")),
+               *(["invalid_rate"] if "valid" in scores.columns else []),
+               *(c for c in ("tp", "fp", "fn") if c in scores.columns)]
+    table = pd.DataFrame(rows, columns=columns)
+    return table.set_index(keys[0] if len(keys) == 1 else keys)

@@ -75,6 +75,12 @@ def iou(pred: np.ndarray, ref: np.ndarray, empty_value: float = np.nan) -> np.nd
     return float(out) if out.ndim == 0 else out
 
 
+def invalid_rate(valid: np.ndarray) -> float:
+    """Share of requested outputs that were not valid: valid bool [...] -> float in [0, 1] (0 when empty)."""
+    v = np.asarray(valid, dtype=bool)
+    return np.count_nonzero(~v) / v.size if v.size else 0.0
+
+
 def _edges(mask: np.ndarray) -> np.ndarray:
     from scipy.ndimage import binary_erosion
 

@@ -68,6 +68,14 @@ class Predictions:
     def image_size(self) -> tuple[int, int]:
         return tuple(self.masks.shape[-2:])  # type: ignore[return-value]
 
+    def rows_of(self, image_ids) -> np.ndarray:
+        """Row indices int64 [n] of ``image_ids`` (str [n]); a ``KeyError`` names an id not predicted."""
+        row = {k: r for r, k in enumerate(self.image_ids.tolist())}
+        missing = [str(i) for i in image_ids if str(i) not in row]
+        if missing:
+            raise KeyError(f"image(s) {missing[:5]} not in predictions ({len(self.image_ids)} images)")
+        return np.array([row[str(i)] for i in image_ids], dtype=np.int64)
+
     def channel(self, name: str) -> int:
         hits = np.flatnonzero(self.structures == name)
         if not hits.size:
@@ -112,3 +120,29 @@ def load_predictions(path: str | Path) -> Predictions:
         return Predictions(arrays["image_ids"], arrays["structures"], masks, arrays["boxes"], arrays["valid"])
     except PredictionsError as exc:
         raise PredictionsError(str(exc).replace("Predictions", str(path), 1)) from None
+
+
+def predict_split(segmenter, dataset, split: str = "test", structures=None, batch_size: int = 16,
+                  progress: bool = True, chunk: int = 256) -> Predictions:
+    """Any model's :class:`Predictions` for every image of one split of a projected dataset.
+
+    segmenter: anything with ``.structures`` and ``.predict(images float [n, H, W],
+    structures, batch_size, progress) -> (masks bool [n, S, H, W], boxes float [n, S, 4],
+    valid bool [n, S])`` (the VLM's and the U-Net's segmenters); structures: registry names
+    (default: the segmenter's). Images are read and predicted ``chunk`` at a time (rounded
+    up to whole batches, so the model sees the same batches as in one call).
+    """
+    from tqdm.auto import tqdm
+
+    names = list(segmenter.structures if structures is None else structures)
+    idx = np.asarray(dataset.split_indices(split), dtype=np.int64)
+    step = batch_size * max(1, -(-chunk // batch_size))
+    parts = []
+    for s in tqdm(range(0, len(idx), step), desc=f"predicting {split}", disable=not progress or len(idx) <= step):
+        images = np.asarray(dataset.images[idx[s:s + step]], dtype=np.float32)
+        parts.append(segmenter.predict(images, names, batch_size=batch_size, progress=progress and len(idx) <= step))
+    size = int(dataset.image_size)
+    masks = np.concatenate([p[0] for p in parts]) if parts else np.zeros((0, len(names), size, size), bool)
+    boxes = np.concatenate([p[1] for p in parts]) if parts else np.zeros((0, len(names), 4), np.float32)
+    valid = np.concatenate([p[2] for p in parts]) if parts else np.zeros((0, len(names)), bool)
+    return Predictions(dataset.index["image_id"].to_numpy()[idx], np.array(names), masks, boxes, valid)

@@ -5,9 +5,9 @@ scored through the shared prediction format.
 - `chexanatomy_lib.unet.model`       `UNetConfig`, `build_unet`
 - `chexanatomy_lib.unet.data`        training samples, resizing, default structures
 - `chexanatomy_lib.unet.loss`        `MaskedDiceBCELoss`
-- `chexanatomy_lib.unet.train`       `TrainConfig`, `train_unet` (Accelerate, resumable)
+- `chexanatomy_lib.unet.train`       `TrainConfig`, `train_unet` (the project's training loop)
 - `chexanatomy_lib.unet.checkpoint`  model card, weights, `CheckpointError`
-- `chexanatomy_lib.unet.inference`   `load_segmenter`, `predict_split`
+- `chexanatomy_lib.unet.inference`   `load_segmenter`, `UNetSegmenter` (`.predict`, `.segment`)
 
 Names below are imported lazily, so `import chexanatomy_lib.unet` loads neither
 MONAI nor Accelerate. This package never imports `chexanatomy_lib.vlm`.
@@ -24,14 +24,13 @@ _EXPORTS = {
     "default_structures": "data",
     "MaskedDiceBCELoss": "loss",
     "TrainConfig": "train",
-    "TrainResult": "train",
+    "UNetTrainResult": "train",
     "train_unet": "train",
     "load_history": "train",
     "CheckpointError": "checkpoint",
     "read_model_card": "checkpoint",
     "UNetSegmenter": "inference",
     "load_segmenter": "inference",
-    "predict_split": "inference",
 }
 
 __all__ = sorted(_EXPORTS)

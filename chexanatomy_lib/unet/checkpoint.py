@@ -5,17 +5,21 @@ A checkpoint folder holds
   model_card.json      {"kind": "unet", "format_version": 1, "structures": [...],
                         "input_size": int, "threshold": float, "model": {UNetConfig}, ...}
   model.safetensors    the network's weights (float32)
-  training_state/      optimizer, scheduler, RNG and data-order state for resuming
-  history.json         learning curves (see `chexanatomy_lib.unet.train`)
+  checkpoints/         the training loop's saved state for resuming (`chexanatomy_lib.training`)
+  training_log.json    learning curves (see `chexanatomy_lib.unet.train`)
+
+Cards are read and written through `chexanatomy_lib.checkpoints`, which also defines
+the `CheckpointError` raised here.
 """
 
 from __future__ import annotations
 
-import json
 from pathlib import Path
 from typing import Any
 
 import torch
+
+from ..checkpoints import CARD_NAME, CheckpointError, read_card, write_card
 
 __all__ = [
     "CARD_NAME",
@@ -26,19 +30,9 @@ __all__ = [
     "load_model",
 ]
 
-CARD_NAME = "model_card.json"
 WEIGHTS_NAME = "model.safetensors"
 FORMAT_VERSION = 1
-_REQUIRED = ("kind", "format_version", "structures", "input_size", "threshold", "model")
-
-
-class CheckpointError(Exception):
-    """A checkpoint folder is missing, incomplete or not a U-Net checkpoint; `path` names it."""
-
-    def __init__(self, path: str | Path, problem: str):
-        self.path = Path(path)  # the offending folder or file
-        self.problem = problem  # what is wrong with it
-        super().__init__(f"{self.path}: {problem}")
+_REQUIRED = ("format_version", "structures", "input_size", "threshold", "model")
 
 
 def read_model_card(checkpoint_dir: str | Path) -> dict[str, Any]:
@@ -47,22 +41,8 @@ def read_model_card(checkpoint_dir: str | Path) -> dict[str, Any]:
     Raises CheckpointError when the folder or its card is missing, the card is not
     JSON, names another kind of model, or lacks a field.
     """
-    root = Path(checkpoint_dir)
-    if not root.exists():
-        raise CheckpointError(root, "checkpoint folder does not exist")
-    if not root.is_dir():
-        raise CheckpointError(root, "checkpoint must be a folder holding model_card.json and model.safetensors")
-    card_path = root / CARD_NAME
-    if not card_path.is_file():
-        raise CheckpointError(card_path, "missing; this folder is not a saved model")
-    try:
-        card = json.loads(card_path.read_text())
-    except (json.JSONDecodeError, UnicodeDecodeError) as err:
-        raise CheckpointError(card_path, f"not valid JSON ({err})") from err
-    if not isinstance(card, dict):
-        raise CheckpointError(card_path, "must hold a JSON object")
-    if card.get("kind") != "unet":
-        raise CheckpointError(card_path, f"describes a model of kind {card.get('kind')!r}, not a U-Net ('unet')")
+    card = read_card(checkpoint_dir, kind="unet")
+    card_path = Path(checkpoint_dir) / CARD_NAME
     missing = [k for k in _REQUIRED if k not in card]
     if missing:
         raise CheckpointError(card_path, f"lacks the field(s) {missing}")
@@ -82,11 +62,8 @@ def save_model(checkpoint_dir: str | Path, model: torch.nn.Module, card: dict[st
     root.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().to("cpu", torch.float32).contiguous() for k, v in model.state_dict().items()}
     save_file(state, str(root / WEIGHTS_NAME))
-    full = {"kind": "unet", "format_version": FORMAT_VERSION, **card}
-    full["kind"], full["format_version"] = "unet", FORMAT_VERSION
-    path = root / CARD_NAME
-    path.write_text(json.dumps(full, indent=2) + "\n")
-    return path
+    return write_card(root, "unet", {"format_version": FORMAT_VERSION,
+                                     **{k: v for k, v in card.items() if k != "format_version"}})
 
 
 def load_model(checkpoint_dir: str | Path) -> tuple[torch.nn.Module, dict[str, Any]]:

@@ -14,12 +14,13 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 
+from ..codec.geometry import resample_masks
+
 __all__ = [
     "Augmentation",
     "SegmentationSamples",
     "default_structures",
     "resize_images",
-    "resize_masks",
     "upsample_probabilities",
 ]
 
@@ -80,18 +81,6 @@ def resize_images(images: np.ndarray | torch.Tensor, size: int | tuple[int, int]
     return F.interpolate(x, size=hw, mode="bilinear", align_corners=False, antialias=True).clamp_(0.0, 1.0)
 
 
-def resize_masks(masks: np.ndarray | torch.Tensor, size: int | tuple[int, int]) -> torch.Tensor:
-    """Masks bool [N, S, H, W] -> bool tensor [N, S, h, w]: a pixel is set where at
-    least half of its footprint (area average) was set."""
-    m = torch.as_tensor(np.asarray(masks)) if not torch.is_tensor(masks) else masks
-    if m.ndim != 4:
-        raise ValueError(f"masks must be [N, S, H, W], got shape {tuple(m.shape)}")
-    hw = (size, size) if isinstance(size, int) else tuple(size)
-    if tuple(m.shape[-2:]) == hw:
-        return m.bool()
-    return F.interpolate(m.float(), size=hw, mode="area") >= 0.5
-
-
 def upsample_probabilities(prob: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
     """Probabilities float [N, S, h, w] -> [N, S, H, W] (bilinear; antialiased when shrinking)."""
     if tuple(prob.shape[-2:]) == tuple(size):
@@ -144,7 +133,9 @@ class SegmentationSamples(torch.utils.data.Dataset):
         parts = []
         for start in range(0, self.indices.size, chunk):
             sel = self.indices[start : start + chunk]
-            parts.append(resize_masks(dataset.masks_for(sel, self.structures), self.input_size))
+            masks = dataset.masks_for(sel, self.structures)
+            parts.append(torch.from_numpy(resample_masks(masks, self.input_size, "area",
+                                                         batch_size=max(1, masks.shape[0] * masks.shape[1]))))
         self.masks = torch.cat(parts)  # bool [N, S, h, w]
 
     def __len__(self) -> int:

@@ -1,15 +1,12 @@
-"""Figures of the baseline's chapter: learning curves and overlays on held-out images."""
+"""Figures of the baseline's chapter: learning curves (returned, not shown).
+
+Comparisons of models (tables, bar charts, overlays) are `chexanatomy_lib.evaluation.figures`'s."""
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any, Sequence
-
 import numpy as np
 
-if TYPE_CHECKING:
-    import pandas as pd
-
-__all__ = ["comparison_table", "plot_learning_curves", "plot_overlays"]
+__all__ = ["plot_learning_curves"]
 
 
 def plot_learning_curves(history: dict[str, list[dict[str, float]]], smooth: int = 10):
@@ -40,73 +37,3 @@ def plot_learning_curves(history: dict[str, list[dict[str, float]]], smooth: int
     ax[1].legend(frameon=False)
     fig.tight_layout()
     return fig
-
-
-def plot_overlays(
-    dataset: Any,  # chexanatomy_lib.ct.dataset.ProjectedDataset
-    pred: Any,  # chexanatomy_lib.evaluation.predictions.Predictions covering `indices`
-    indices: Sequence[int],  # dataset rows to show
-    structures: Sequence[str],  # structures to draw (predicted ones)
-    title: str = "U-Net",  # name of the model in the legend
-):
-    """One panel per image: the radiograph, ground-truth outlines (solid) and
-    predicted outlines (dashed), one colour per structure. Returns the figure."""
-    import matplotlib.pyplot as plt
-    from matplotlib.lines import Line2D
-
-    indices = [int(i) for i in indices]
-    structures = list(structures)
-    row_of = {k: r for r, k in enumerate(pred.image_ids.tolist())}
-    chans = [pred.channel(s) for s in structures]
-    fig, axes = plt.subplots(1, len(indices), figsize=(3.2 * len(indices), 3.8), squeeze=False)
-    for ax, i in zip(axes[0], indices):
-        meta = dataset.index.iloc[i]
-        r = row_of[str(meta["image_id"])]
-        ax.imshow(dataset.images[i], cmap="gray", vmin=0, vmax=1)
-        gt = dataset.masks_for([i], structures)[0]
-        for k, c in enumerate(chans):
-            colour = f"C{k % 10}"
-            if gt[k].any():
-                ax.contour(gt[k], levels=[0.5], colors=[colour], linewidths=1.0)
-            if pred.masks[r, c].any():
-                ax.contour(pred.masks[r, c], levels=[0.5], colors=[colour], linewidths=1.2, linestyles="--")
-        ax.set_title(f"{meta['image_id']} ({meta['view']})", fontsize=9)
-        ax.axis("off")
-    handles = [Line2D([], [], color=f"C{k % 10}", label=s) for k, s in enumerate(structures)]
-    handles += [Line2D([], [], color="k", label="ground truth"),
-                Line2D([], [], color="k", ls="--", label=title)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), frameon=False, fontsize=8)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
-    return fig
-
-
-def comparison_table(
-    summaries: dict[str, "pd.DataFrame"],  # {model name: summary from evaluate_predictions}
-    metrics: Sequence[str] = ("dice", "hd95", "box_acc@0.5"),  # columns of the summaries to show
-    digits: int = 3,  # decimals shown
-):
-    """One table for several models: rows (structure, model), one column per metric
-    as "mean [lo, hi]" (95% bootstrap interval) plus the number of scored images.
-
-    Every summary comes from its own `evaluate_predictions` call; nothing is
-    re-scored here. Structures a model did not predict are left out for that model.
-    """
-    import pandas as pd
-
-    frames = []
-    for model, s in summaries.items():
-        f = pd.DataFrame(index=s.index)
-        f["model"] = model
-        f["n"] = s["n"].astype(int)
-        for m in metrics:
-            mean, lo, hi = s[m], s[f"{m}_lo"], s[f"{m}_hi"]
-            f[m] = [
-                "n/a" if not np.isfinite(a) else f"{a:.{digits}f} [{b:.{digits}f}, {c:.{digits}f}]"
-                for a, b, c in zip(mean, lo, hi)
-            ]
-        frames.append(f.reset_index())
-    table = pd.concat(frames, ignore_index=True)
-    order = list(dict.fromkeys(n for s in summaries.values() for n in s.index))
-    table["structure"] = pd.Categorical(table["structure"], categories=order, ordered=True)
-    table["model"] = pd.Categorical(table["model"], categories=list(summaries), ordered=True)
-    return table.sort_values(["structure", "model"]).set_index(["structure", "model"])

@@ -1,9 +1,10 @@
 """Segmenting radiographs with a saved U-Net baseline.
 
-`load_segmenter(checkpoint_dir)` returns a `UNetSegmenter`; `predict_split`
-writes what it predicts for one split of a projected dataset in the shared
-prediction format (`chexanatomy_lib.evaluation.predictions`), so the baseline
-is scored by the same evaluation as the VLM.
+`load_segmenter(checkpoint_dir)` returns a `UNetSegmenter`. Like the VLM's segmenter it
+has `.predict(images, structures)` (a batch, the arrays of the shared prediction
+format) and `.segment(image, structures)` (one radiograph of any size), so
+`chexanatomy_lib.evaluation.predictions.predict_split` and `chexanatomy segment`
+treat both models alike.
 """
 
 from __future__ import annotations
@@ -14,24 +15,12 @@ from typing import Any, Sequence
 import numpy as np
 import torch
 
+from ..codec.geometry import masks_to_boxes
+from ..devices import resolve_device
 from .checkpoint import CheckpointError, load_model
 from .data import resize_images, upsample_probabilities
 
-__all__ = ["UNetSegmenter", "load_segmenter", "predict_masks", "predict_split", "masks_to_boxes"]
-
-
-def masks_to_boxes(masks: np.ndarray) -> np.ndarray:
-    """Tight boxes of masks bool [..., H, W] -> float32 [..., 4] normalised
-    (ymin, xmin, ymax, xmax), NaN where a mask is empty (the codec's box convention)."""
-    from chexanatomy_lib.codec.tokens import mask_to_box
-
-    masks = np.asarray(masks, dtype=bool)
-    flat = masks.reshape(-1, *masks.shape[-2:])
-    out = np.full((flat.shape[0], 4), np.nan, dtype=np.float32)
-    for k, m in enumerate(flat):
-        if m.any():
-            out[k] = mask_to_box(m)
-    return out.reshape(*masks.shape[:-2], 4)
+__all__ = ["CheckpointError", "UNetSegmenter", "load_segmenter"]
 
 
 class UNetSegmenter:
@@ -75,6 +64,24 @@ class UNetSegmenter:
         """Masks bool [N, S, H, W] (probability > threshold) for images float [N, H, W] in [0, 1]."""
         return self.probabilities(images, batch_size) > self.threshold
 
+    def predict(self, images: np.ndarray, structures: Sequence[str] | None = None, batch_size: int = 16,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict ``structures`` (default: every output channel) on images float [N, H, W] in [0, 1].
+
+        Returns masks bool [N, S, H, W] at the images' size, boxes float32 [N, S, 4] (the
+        tight box of each mask, NaN when it is empty) and valid bool [N, S] (always True:
+        a U-Net always produces a mask).
+        """
+        from tqdm.auto import tqdm
+
+        channels = self._channels(structures) if structures is not None else list(range(len(self.structures)))
+        images = np.asarray(images, dtype=np.float32)
+        masks = np.zeros((len(images), len(channels), *images.shape[1:]), dtype=bool)
+        for start in tqdm(range(0, len(images), batch_size), desc="U-Net inference", disable=not progress):
+            masks[start:start + batch_size] = self.predict_masks(images[start:start + batch_size], batch_size)[:, channels]
+        boxes = masks_to_boxes(masks).astype(np.float32)
+        return masks, boxes, np.ones(masks.shape[:2], dtype=bool)
+
     def _channels(self, structures: Sequence[str]) -> list[int]:
         from chexanatomy_lib.ct.errors import RegistryError
         from chexanatomy_lib.ct.registry import load_registry
@@ -113,7 +120,7 @@ class UNetSegmenter:
         out: dict[str, tuple[np.ndarray, np.ndarray | None, None]] = {}
         for text, c in zip(structures, channels):
             m = masks[c]
-            box = masks_to_boxes(m) if m.any() else None
+            box = masks_to_boxes(m).astype(np.float32) if m.any() else None
             out[str(text)] = (m, box, None)
         return out
 
@@ -122,38 +129,5 @@ def load_segmenter(checkpoint_dir: str | Path, device: str = "auto") -> UNetSegm
     """A `UNetSegmenter` from a folder written by `train_unet` (model_card.json with
     kind "unet" + model.safetensors). Raises `CheckpointError` naming the file
     when the folder is missing, incomplete or holds another kind of model."""
-    from .train import resolve_device
-
     model, card = load_model(checkpoint_dir)
     return UNetSegmenter(model, card, resolve_device(device))
-
-
-def predict_masks(segmenter: UNetSegmenter, dataset: Any, indices: Sequence[int], batch_size: int = 16,
-                  progress: bool = False) -> np.ndarray:
-    """Masks bool [n, S, H, W] at the dataset's image size for the given rows."""
-    from tqdm.auto import tqdm
-
-    indices = np.asarray(indices, dtype=np.int64)
-    size = int(dataset.image_size)
-    out = np.zeros((indices.size, len(segmenter.structures), size, size), dtype=bool)
-    for start in tqdm(range(0, indices.size, batch_size), desc="U-Net inference", disable=not progress):
-        sel = indices[start : start + batch_size]
-        out[start : start + sel.size] = segmenter.predict_masks(np.asarray(dataset.images[sel]), batch_size)
-    return out
-
-
-def predict_split(segmenter: UNetSegmenter, dataset: Any, split: str = "test", batch_size: int = 16,
-                  progress: bool = True):
-    """`Predictions` (chexanatomy_lib.evaluation) for every image of one split:
-    masks at the dataset's image size, thresholded at the card's threshold;
-    boxes = tight box of each predicted mask (NaN when empty); every output valid
-    (a U-Net always produces a mask)."""
-    from chexanatomy_lib.evaluation.predictions import Predictions
-
-    indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
-    masks = predict_masks(segmenter, dataset, indices, batch_size, progress)
-    boxes = masks_to_boxes(masks)
-    image_ids = np.asarray(dataset.index["image_id"].to_numpy()[indices]).astype(str)
-    valid = np.ones(masks.shape[:2], dtype=bool)
-    return Predictions(image_ids=image_ids, structures=np.asarray(segmenter.structures, dtype=str),
-                       masks=masks, boxes=boxes, valid=valid)

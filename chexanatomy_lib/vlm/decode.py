@@ -24,6 +24,9 @@ from typing import Any, Sequence
 
 import numpy as np
 
+from ..codec.geometry import NUM_LOC_BINS
+from ..codec.tokens import NUM_SEG_CODES, NUM_SEG_TOKENS
+
 # Slot kinds of the grammar plan (non-negative entries are forced token ids).
 Y0, X0, Y1, X1, SEG = -1, -2, -3, -4, -5
 _LOC_ORDER = (Y0, X0, Y1, X1)
@@ -40,7 +43,7 @@ def grammar_plan(tokenizer, names: Sequence[str]) -> list[int]:
     """
     from ..codec.tokens import format_target
 
-    template = format_target("segment", [(n, np.array([0.0, 0.0, 1.0, 1.0]), np.zeros(16, np.int64))
+    template = format_target("segment", [(n, np.array([0.0, 0.0, 1.0, 1.0]), np.zeros(NUM_SEG_TOKENS, np.int64))
                                          for n in names])
     ids = tokenizer(template, add_special_tokens=False)["input_ids"]
     loc0 = tokenizer.convert_tokens_to_ids("<loc0000>")
@@ -48,10 +51,10 @@ def grammar_plan(tokenizer, names: Sequence[str]) -> list[int]:
     plan: list[int] = []
     k = 0
     for t in ids:
-        if loc0 <= t < loc0 + 1024:
+        if loc0 <= t < loc0 + NUM_LOC_BINS:
             plan.append(_LOC_ORDER[k % 4])
             k += 1
-        elif seg0 <= t < seg0 + 128:
+        elif seg0 <= t < seg0 + NUM_SEG_CODES:
             plan.append(SEG)
         else:
             plan.append(int(t))
@@ -97,14 +100,14 @@ class SegmentGrammar(_logits_processor_base()):
         if slot >= 0:
             allowed[:, slot] = True
         elif slot == SEG:
-            allowed[:, self.seg_start:self.seg_start + 128] = True
+            allowed[:, self.seg_start:self.seg_start + NUM_SEG_CODES] = True
         elif slot in (Y0, X0):
-            allowed[:, L:L + 1023] = True  # leave room for a larger max
+            allowed[:, L:L + NUM_LOC_BINS - 1] = True  # leave room for a larger max
         else:  # Y1 / X1: strictly greater than the matching min two tokens back
             lo = input_ids[:, -2] - L + 1  # [B]
-            bins = torch.arange(1024, device=scores.device)
-            ok = bins[None, :] >= lo[:, None].clamp(1, 1023)
-            allowed[:, L:L + 1024] = ok
+            bins = torch.arange(NUM_LOC_BINS, device=scores.device)
+            ok = bins[None, :] >= lo[:, None].clamp(1, NUM_LOC_BINS - 1)
+            allowed[:, L:L + NUM_LOC_BINS] = ok
         scores = scores.masked_fill(~allowed, float("-inf"))
         if self.loc_rule == "median" and slot in _LOC_ORDER:
             scores = _force_median_bin(scores, L)
@@ -119,10 +122,10 @@ def _force_median_bin(scores, loc_start: int):
     """
     import torch
 
-    loc = scores[:, loc_start:loc_start + 1024].float()
+    loc = scores[:, loc_start:loc_start + NUM_LOC_BINS].float()
     cdf = torch.softmax(loc, dim=-1).cumsum(dim=-1)
     # NOTE: the clamp is only a guard: the cumulative softmax ends at 1 up to rounding.
-    median = (cdf < 0.5).sum(dim=-1).clamp(max=1023)
+    median = (cdf < 0.5).sum(dim=-1).clamp(max=NUM_LOC_BINS - 1)
     rows = torch.arange(scores.shape[0], device=scores.device)
     out = torch.full_like(scores, float("-inf"))
     out[rows, loc_start + median] = scores[rows, loc_start + median]
@@ -234,10 +237,3 @@ def instances_to_arrays(decoded: Sequence[Decoded], codec, height: int, width: i
         for (i, j), m in zip(rows, dec):
             masks[i, j] = m
     return masks, boxes, valid
-
-
-def invalid_rate(decoded: Sequence[Decoded]) -> float:
-    """Fraction of requested instances that did not parse as valid."""
-    total = sum(len(d.parsed) for d in decoded)
-    bad = sum(not p.valid for d in decoded for p in d.parsed)
-    return bad / total if total else 0.0

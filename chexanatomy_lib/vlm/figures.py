@@ -1,13 +1,12 @@
-"""Figures and tables of chapter 3 (matplotlib figures are returned, not shown)."""
+"""Figures of chapter 3: the loss curve and the training tasks (returned, not shown).
+
+Comparisons of models (tables, bar charts, overlays) are `chexanatomy_lib.evaluation.figures`'s."""
 
 from __future__ import annotations
 
 from typing import Sequence
 
 import numpy as np
-
-COLOURS = ["#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6"]
-
 
 def plot_loss(log: Sequence[dict], title: str = "training loss"):
     """Loss (and learning rate) against optimizer step from `train`'s log."""
@@ -46,54 +45,3 @@ def plot_task_examples(samples: Sequence, max_chars: int = 70):
 
 def _wrap(text: str, width: int) -> str:
     return "\n".join(text[i:i + width] for i in range(0, len(text), width))
-
-
-def plot_overlays(images: np.ndarray, truth: np.ndarray, pred: np.ndarray, names: Sequence[str],
-                  titles: Sequence[str] | None = None, baseline: np.ndarray | None = None):
-    """Held-out images with reference contours (solid) and predicted masks (filled).
-
-    images: float [n, H, W]; truth, pred (and optional baseline): bool [n, S, H, W].
-    """
-    import matplotlib.pyplot as plt
-    from matplotlib.patches import Patch
-
-    n = len(images)
-    fig, axes = plt.subplots(1, n, figsize=(3.0 * n, 3.4))
-    for k, ax in enumerate(np.atleast_1d(axes)):
-        ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
-        for s in range(truth.shape[1]):
-            c = COLOURS[s % len(COLOURS)]
-            if pred[k, s].any():
-                ax.contourf(pred[k, s].astype(float), levels=[0.5, 1.5], colors=[c], alpha=0.35)
-            if truth[k, s].any():
-                ax.contour(truth[k, s].astype(float), levels=[0.5], colors=[c], linewidths=1.0)
-            if baseline is not None and baseline[k, s].any():
-                ax.contour(baseline[k, s].astype(float), levels=[0.5], colors=[c], linewidths=0.8,
-                           linestyles="dotted")
-        ax.set_axis_off()
-        if titles is not None:
-            ax.set_title(titles[k], fontsize=8)
-    handles = [Patch(color=COLOURS[s % len(COLOURS)], label=nm) for s, nm in enumerate(names)]
-    fig.legend(handles=handles, loc="lower center", ncol=min(len(names), 6), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.07, 1, 1))
-    return fig
-
-
-def comparison_table(summaries: dict, metrics: Sequence[str] = ("dice", "box_acc@0.5")):
-    """Per structure and model: each metric as ``mean [lo, hi]`` plus the invalid rate.
-
-    summaries: ``{model name: summary DataFrame from evaluation.evaluate_predictions}``.
-    Returns a pandas DataFrame indexed by structure with one column per (model, metric).
-    """
-    import pandas as pd
-
-    cols = {}
-    for model, summ in summaries.items():
-        s = summ.set_index("structure") if "structure" in summ.columns else summ
-        for m in metrics:
-            cols[(model, m)] = [f"{s.loc[i, m]:.3f} [{s.loc[i, m + '_lo']:.3f}, {s.loc[i, m + '_hi']:.3f}]"
-                                for i in s.index]
-        if "invalid_rate" in s.columns:
-            cols[(model, "invalid")] = [f"{v:.2f}" for v in s["invalid_rate"]]
-        index = list(s.index)
-    return pd.DataFrame(cols, index=index)

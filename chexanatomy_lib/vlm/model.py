@@ -14,11 +14,12 @@ One entry point, `load_vlm(model, ...)`:
 
 from __future__ import annotations
 
-import json
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
+
+from ..checkpoints import CheckpointError, read_card, write_card
 
 TINY_PRESETS: dict[str, dict[str, int]] = {
     # ~1.6 M parameters at 128 px (most of them in the 2.2k-token embedding)
@@ -30,11 +31,6 @@ TINY_PRESETS: dict[str, dict[str, int]] = {
 }
 LORA_LANGUAGE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_VISION_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
-CARD_NAME = "model_card.json"
-
-
-class CheckpointError(Exception):
-    """A model checkpoint or adapter cannot be found or used; the message says where and why."""
 
 
 @dataclass
@@ -162,7 +158,7 @@ def resolve_checkpoint(name_or_path: str, what: str = "PaliGemma checkpoint",
     p = Path(name_or_path).expanduser()
     if p.is_dir():
         if not (p / required_file).is_file():
-            raise CheckpointError(f"{p}: not a {what} directory (no {required_file} in it)")
+            raise CheckpointError(p, f"not a {what} directory (no {required_file} in it)")
         return p
     looked = [f"a local directory {p.resolve()} (does not exist)"]
     if "/" in str(name_or_path) and not str(name_or_path).startswith((".", "/", "~")):
@@ -176,7 +172,7 @@ def resolve_checkpoint(name_or_path: str, what: str = "PaliGemma checkpoint",
         except Exception:  # noqa: BLE001  NOTE: any hub error means "not in the cache"
             looked.append(f"the Hugging Face cache {_hf_cache_dir()} (not there)")
     raise CheckpointError(
-        f"{what} {str(name_or_path)!r} not found; looked in " + " and ".join(looked) + ". "
+        None, f"{what} {str(name_or_path)!r} not found; looked in " + " and ".join(looked) + ". "
         "Provide it as a local directory (pass its path), or on a machine with internet run "
         f"`huggingface-cli download {name_or_path}` (Gemma models need their licence accepted on "
         "huggingface.co first) and copy the cache here (set HF_HOME to it); nothing is downloaded "
@@ -236,7 +232,7 @@ def load_pretrained(
         model = _from_pretrained(PaliGemmaForConditionalGeneration, path, torch_dtype)
         processor = PaliGemmaProcessor.from_pretrained(path, local_files_only=True)
     except (OSError, ValueError, KeyError) as err:
-        raise CheckpointError(f"{path}: cannot load a PaliGemma checkpoint from it: {err}") from err
+        raise CheckpointError(path, f"cannot load a PaliGemma checkpoint from it: {err}") from err
     _align_generation_config(model, processor.tokenizer)
     from peft import LoraConfig, PeftModel, get_peft_model
 
@@ -329,30 +325,12 @@ def save_vlm(vlm: VLM, out_dir: str | Path, card: dict[str, Any] | None = None) 
     else:
         vlm.core.save_pretrained(out / "model")
     vlm.processor.save_pretrained(out / "processor")
-    meta = {"kind": "vlm", "format": 1, "base": vlm.base, "lora": vlm.lora,
+    meta = {"format": 1, "base": vlm.base, "lora": vlm.lora,
             "finetune_vision": vlm.finetune_vision, "image_size": vlm.image_size,
             "weights": "adapter" if vlm.lora else "model", "processor": "processor"}
     meta.update(card or {})
-    (out / CARD_NAME).write_text(json.dumps(meta, indent=2))
+    write_card(out, "vlm", meta)
     return out
-
-
-def read_card(ckpt_dir: str | Path) -> dict[str, Any]:
-    """`model_card.json` of a checkpoint directory; `CheckpointError` if missing or malformed."""
-    d = Path(ckpt_dir)
-    f = d / CARD_NAME
-    if not d.is_dir():
-        raise CheckpointError(f"{d}: checkpoint directory does not exist (expected a folder with {CARD_NAME}, "
-                              "e.g. <run_dir>/03_vlm_finetune/checkpoint written by chapter 3)")
-    try:
-        card = json.loads(f.read_text())
-    except FileNotFoundError:
-        raise CheckpointError(f"{f}: missing; this folder is not a chexanatomy checkpoint") from None
-    except json.JSONDecodeError as err:
-        raise CheckpointError(f"{f}: not valid JSON ({err})") from None
-    if not isinstance(card, dict) or "kind" not in card:
-        raise CheckpointError(f"{f}: has no 'kind' entry (expected 'vlm' or 'unet')")
-    return card
 
 
 def load_saved_vlm(ckpt_dir: str | Path, trainable: bool = False, base_override: str | None = None) -> VLM:
@@ -360,16 +338,14 @@ def load_saved_vlm(ckpt_dir: str | Path, trainable: bool = False, base_override:
     from transformers import PaliGemmaForConditionalGeneration, PaliGemmaProcessor
 
     d = Path(ckpt_dir)
-    card = read_card(d)
-    if card.get("kind") != "vlm":
-        raise CheckpointError(f"{d / CARD_NAME}: kind is {card.get('kind')!r}, not 'vlm'")
+    card = read_card(d, kind="vlm")
     if card.get("lora"):
         base = base_override or card["base"]
         vlm = load_pretrained(base, adapter=str(d / card.get("weights", "adapter")), trainable=trainable)
     else:
         wdir = d / card.get("weights", "model")
         if not (wdir / "config.json").is_file():
-            raise CheckpointError(f"{wdir}: missing model weights (no config.json)")
+            raise CheckpointError(wdir, "missing model weights (no config.json)")
         model = PaliGemmaForConditionalGeneration.from_pretrained(wdir, local_files_only=True)
         if not trainable:
             for prm in model.parameters():

@@ -1,10 +1,12 @@
-"""From a fine-tuned VLM to predictions: dataset splits, single images, checkpoints.
+"""From a fine-tuned VLM to masks: the segmenter and the checkpoint folder.
 
-- `predict_split`: one ``segment`` sequence per image (all structures), decoded
-  with or without the grammar, turned into `evaluation.Predictions`.
-- `save_finetuned` / `VLMSegmenter.load`: the chapter's checkpoint folder
-  (weights or LoRA adapter, processor, the mask codec, `model_card.json`) and the
-  `.segment(image, structures)` interface used by ``chexanatomy segment``.
+- `VLMSegmenter`: one ``segment`` request per image listing every structure, decoded
+  with or without the grammar. `.predict(images, structures)` gives the arrays of the
+  shared prediction format (as the U-Net's segmenter does, so
+  `chexanatomy_lib.evaluation.predictions.predict_split` treats both alike);
+  `.segment(image, structures)` one radiograph of any size (``chexanatomy segment``).
+- `save_finetuned` / `VLMSegmenter.load`: the chapter's checkpoint folder (weights or
+  LoRA adapter, processor, the mask codec, `model_card.json`).
 """
 
 from __future__ import annotations
@@ -25,30 +27,6 @@ def prompt_names(structures: Sequence[str], registry=None) -> list[str]:
 
         registry = load_registry()
     return [registry.get(s).display for s in structures]
-
-
-def predict_split(vlm, dataset, split: str, structures: Sequence[str], codec, constrained: bool = True,
-                  batch_size: int = 16, progress: bool = True, device: str | None = None,
-                  loc_rule: str = "median"):
-    """Predict every image of `split` with one ``segment`` request listing `structures`.
-
-    loc_rule: how constrained decoding reads a box coordinate (`decode.LOC_RULES`).
-    Returns (`Predictions` at the dataset's image size, list of `Decoded` per image).
-    Boxes are the decoded loc boxes (NaN where invalid); masks come from `codec`.
-    """
-    from ..evaluation.predictions import Predictions
-    from .decode import generate_segment, instances_to_arrays
-
-    idx = dataset.split_indices(split)
-    names = prompt_names(structures)
-    images = [np.asarray(dataset.images[i], dtype=np.float32) for i in idx]
-    decoded = generate_segment(vlm, images, names, constrained=constrained, batch_size=batch_size,
-                               progress=progress, device=device, loc_rule=loc_rule)
-    size = int(dataset.image_size)
-    masks, boxes, valid = instances_to_arrays(decoded, codec, size, size)
-    pred = Predictions(dataset.index["image_id"].iloc[idx].to_numpy(), np.array(list(structures)),
-                       masks, boxes, valid)
-    return pred, decoded
 
 
 def save_finetuned(vlm, out_dir: str | Path, structures: Sequence[str], codec_dir: str | Path,
@@ -76,15 +54,19 @@ def save_finetuned(vlm, out_dir: str | Path, structures: Sequence[str], codec_di
 
 
 class VLMSegmenter:
-    """Segment structures on one radiograph with a fine-tuned VLM (constrained decoding).
+    """Segment structures on radiographs with a fine-tuned VLM.
 
-    `.segment(image float [H, W] in [0, 1], structures)` ->
-    ``{requested text: (mask bool [H, W], box float32 [4] normalised or None, tokens str or None)}``,
-    the same interface as the U-Net's segmenter. Box coordinates are read with
-    `loc_rule` (None: the rule in the checkpoint's model card, else ``"median"``).
+    vlm: a `VLM` (`vlm.model`, `vlm.processor`); codec: the `MaskCodec` its seg tokens
+    decode with; device: where generation runs (None: the model's device);
+    constrained: decode within the output grammar (False: free greedy decoding);
+    loc_rule: how a constrained box coordinate is read (`decode.LOC_RULES`; None: the
+    rule in the checkpoint's model card, else ``"median"``); structures: the registry
+    names the model was trained on (None: those of its model card; a structure outside
+    them is refused).
     """
 
-    def __init__(self, vlm, codec, device: str = "cpu", constrained: bool = True, loc_rule: str | None = None):
+    def __init__(self, vlm, codec, device: str | None = None, constrained: bool = True,
+                 loc_rule: str | None = None, structures: Sequence[str] | None = None):
         from .decode import LOC_RULES
 
         self.vlm = vlm
@@ -92,26 +74,50 @@ class VLMSegmenter:
         self.device = device
         self.constrained = constrained
         card = vlm.info.get("card", {})
-        self.structures = list(card.get("structures", []))
+        self.structures = list(structures) if structures is not None else list(card.get("structures", []))
         self.loc_rule = loc_rule or card.get("loc_rule", "median")
         if self.loc_rule not in LOC_RULES:
             raise ValueError(f"loc_rule must be one of {LOC_RULES}, got {self.loc_rule!r}")
+
+    def decode(self, images: Sequence[np.ndarray], structures: Sequence[str] | None = None, batch_size: int = 16,
+               progress: bool = False) -> list:
+        """One ``segment`` request per image (float [H, W] in [0, 1]) listing ``structures``
+        (default: the model's); returns the `decode.Decoded` output of each image."""
+        from .decode import generate_segment
+
+        names = [self._prompt_name(t) for t in (self.structures if structures is None else structures)]
+        return generate_segment(self.vlm, [np.asarray(im, dtype=np.float32) for im in images], names,
+                                constrained=self.constrained, batch_size=batch_size, progress=progress,
+                                device=self.device, loc_rule=self.loc_rule)
+
+    def predict(self, images: np.ndarray, structures: Sequence[str] | None = None, batch_size: int = 16,
+                progress: bool = False) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+        """Predict ``structures`` (default: the model's) on images float [N, H, W] in [0, 1].
+
+        Returns masks bool [N, S, H, W] at the images' size (decoded by the codec), boxes
+        float32 [N, S, 4] (the decoded location boxes, NaN where invalid) and valid bool
+        [N, S] (whether the output for that structure parsed as a well-formed instance).
+        """
+        from .decode import instances_to_arrays
+
+        images = np.asarray(images, dtype=np.float32)
+        decoded = self.decode(list(images), structures, batch_size, progress)
+        return instances_to_arrays(decoded, self.codec, images.shape[-2], images.shape[-1])
 
     @classmethod
     def load(cls, ckpt_dir: str | Path, device: str = "auto", constrained: bool = True,
              loc_rule: str | None = None) -> "VLMSegmenter":
         """Load a folder written by `save_finetuned` (CheckpointError naming what is missing)."""
-        import torch
-
+        from ..checkpoints import CheckpointError
         from ..codec import MaskCodec
         from ..devices import resolve_device
-        from .model import CheckpointError, load_saved_vlm
+        from .model import load_saved_vlm
 
         d = Path(ckpt_dir)
         vlm = load_saved_vlm(d)
         codec_dir = d / vlm.info["card"].get("codec", CODEC_DIR)
         if not codec_dir.is_dir():
-            raise CheckpointError(f"{codec_dir}: the mask codec is missing from this checkpoint")
+            raise CheckpointError(codec_dir, "the mask codec is missing from this checkpoint")
         dev = resolve_device(device)
         vlm.model.to(dev)
         return cls(vlm, MaskCodec.ours(codec_dir), dev, constrained, loc_rule)
@@ -129,16 +135,14 @@ class VLMSegmenter:
     def segment(self, image: np.ndarray, structures: Sequence[str]) -> dict[str, tuple]:
         """Segment `structures` (registry names, display names or synonyms) on one image (any size)."""
         from ..radiograph import letterbox
-        from .decode import generate_segment, instances_to_arrays
+        from .decode import instances_to_arrays
 
         img = np.asarray(image, dtype=np.float32)
         if img.ndim != 2:
             raise ValueError(f"image must be [H, W], got shape {img.shape}")
-        names = [self._prompt_name(t) for t in structures]
         # NOTE: masks are decoded on the square (at most 1024 px) and resized back
         square, lb = letterbox(img, min(max(img.shape), 1024))
-        dec = generate_segment(self.vlm, [square], names, constrained=self.constrained, device=self.device,
-                               loc_rule=self.loc_rule)
+        dec = self.decode([square], structures)
         masks, boxes, valid = instances_to_arrays(dec, self.codec, lb.size, lb.size)
         out: dict[str, tuple] = {}
         tokens = [p for p in dec[0].text.split(" ; ")]

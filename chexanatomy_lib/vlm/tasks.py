@@ -68,8 +68,10 @@ def draw_highlight(image: np.ndarray, mask: np.ndarray, box: np.ndarray | None =
     if box is None:
         rgb[mask] = 0.5 * rgb[mask] + 0.5 * np.array([1.0, 0.1, 0.1], np.float32)
     else:
-        y0, x0 = int(box[0] * h), int(box[1] * w)
-        y1, x1 = max(int(box[2] * h) - 1, y0), max(int(box[3] * w) - 1, x0)
+        from ..codec.geometry import box_to_pixel_box
+
+        y0, x0, y1, x1 = box_to_pixel_box(box, h, w)
+        y1, x1 = max(y1 - 1, y0), max(x1 - 1, x0)  # the last row and column inside the box
         t = max(1, h // 128)
         red = np.array([1.0, 0.1, 0.1], np.float32)
         rgb[y0:y0 + t, x0:x1 + 1] = red

@@ -1,0 +1,197 @@
+"""Comparisons, drawn and tabulated one way for every chapter.
+
+* :data:`PALETTE`: one colour per structure (in the order given), in every figure and
+  in the overlays ``chexanatomy segment`` writes;
+* :func:`comparison_table`: several models' summaries (:func:`~chexanatomy_lib.evaluation.evaluate.summarize`)
+  as one table, a row per (structure, model), each metric as ``mean [lo, hi]``;
+* :func:`plot_summary`: the same as bars with 95% intervals;
+* :func:`plot_overlays`: radiographs with the reference outlines and each model's masks;
+* :func:`plot_reconstructions`: one structure per panel, zoomed, the reference filled and
+  each route's mask outlined (the codec's round trips).
+
+Figures are returned, not shown.
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import numpy as np
+import pandas as pd
+
+#: Structure colours (hex), reused cyclically.
+PALETTE = ("#e6194b", "#3cb44b", "#ffe119", "#4363d8", "#f58231", "#911eb4", "#46f0f0", "#f032e6",
+           "#bcf60c", "#fabebe")
+#: Line styles of the second, third ... model in an overlay (the first is drawn filled).
+_LINESTYLES = (":", "--", "-.")
+_ROUTE_COLOURS = ("tab:red", "tab:cyan", "tab:orange", "tab:green", "tab:purple")
+_BOUNDED = ("dice", "iou", "box_iou", "box_acc@0.5", "box_acc@0.75", "invalid_rate")
+
+
+def colour(k: int) -> str:
+    """The palette colour of the ``k``-th structure."""
+    return PALETTE[k % len(PALETTE)]
+
+
+def rgb(k: int) -> tuple[int, int, int]:
+    """The palette colour of the ``k``-th structure as 8-bit RGB."""
+    h = colour(k).lstrip("#")
+    return int(h[0:2], 16), int(h[2:4], 16), int(h[4:6], 16)
+
+
+def comparison_table(summaries: dict[str, pd.DataFrame], metrics: Sequence[str] = ("dice", "box_acc@0.5"),
+                     digits: int = 3) -> pd.DataFrame:
+    """Several models in one table: rows (structure, model), ``n`` (scored images), the
+    invalid-output rate where known, and each metric as ``"mean [lo, hi]"`` (95% bootstrap
+    interval; ``"n/a"`` where nothing was scored).
+
+    summaries: ``{model name: summary indexed by structure}`` (from ``evaluate_predictions``
+    or ``summarize``); nothing is re-scored here. Structures a model did not predict are
+    left out for that model.
+    """
+    frames = []
+    for model, s in summaries.items():
+        s = s.set_index("structure") if "structure" in s.columns else s
+        f = pd.DataFrame(index=s.index)
+        f["model"] = model
+        f["n"] = s["n"].astype(int)
+        if "invalid_rate" in s.columns:
+            f["invalid"] = [f"{v:.2f}" if np.isfinite(v) else "n/a" for v in s["invalid_rate"]]
+        for m in metrics:
+            f[m] = ["n/a" if not np.isfinite(a) else f"{a:.{digits}f} [{b:.{digits}f}, {c:.{digits}f}]"
+                    for a, b, c in zip(s[m], s[f"{m}_lo"], s[f"{m}_hi"])]
+        frames.append(f.rename_axis("structure").reset_index())
+    table = pd.concat(frames, ignore_index=True)
+    order = list(dict.fromkeys(n for s in summaries.values() for n in s.index))
+    table["structure"] = pd.Categorical(table["structure"], categories=order, ordered=True)
+    table["model"] = pd.Categorical(table["model"], categories=list(summaries), ordered=True)
+    return table.sort_values(["structure", "model"]).set_index(["structure", "model"])
+
+
+def plot_summary(summaries: dict[str, pd.DataFrame], metric: str = "dice", structures: Sequence[str] | None = None,
+                 ax=None, title: str | None = None):
+    """Per-structure bar chart with 95% CIs comparing models (or codec routes).
+
+    summaries: ``{name: summary indexed by structure}`` with columns ``metric`` and, for the
+    error bars, ``<metric>_lo`` and ``<metric>_hi`` (from ``evaluate_predictions`` or
+    ``summarize``). Returns the matplotlib Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    missing = [name for name, s in summaries.items() if metric not in s.columns]
+    if missing:
+        raise ValueError(f"metric {metric!r} is not a column of the summaries of {missing}")
+    models = list(summaries)
+    if structures is None:
+        seen: dict = {}
+        for s in summaries.values():
+            for name in s.index:
+                seen.setdefault(name, None)
+        structures = list(seen)
+    structures = list(structures)
+    if ax is None:
+        _, ax = plt.subplots(figsize=(min(18.0, max(6.0, 0.35 * len(structures) * max(1, len(models)) + 2)), 4))
+    width = 0.8 / max(1, len(models))
+    x = np.arange(len(structures))
+    for k, model in enumerate(models):
+        s = summaries[model].reindex(structures)
+        mean = s[metric].to_numpy(dtype=float)
+        if f"{metric}_lo" in s:
+            lo = s[f"{metric}_lo"].to_numpy(dtype=float)
+            hi = s[f"{metric}_hi"].to_numpy(dtype=float)
+            err = np.vstack([np.clip(mean - lo, 0, None), np.clip(hi - mean, 0, None)])
+            err = np.nan_to_num(err)
+        else:
+            err = None
+        ax.bar(x + (k - (len(models) - 1) / 2) * width, np.nan_to_num(mean), width, yerr=err,
+               capsize=2, label=model)
+    ax.set_xticks(x)
+    ax.set_xticklabels(structures, rotation=60, ha="right", fontsize=8 if len(structures) <= 30 else 6)
+    ax.set_ylabel(metric + (" (mean, 95% CI)" if metric != "invalid_rate" else ""))
+    if metric in _BOUNDED:
+        ax.set_ylim(0, 1.05)
+    if title:
+        ax.set_title(title)
+    ax.legend(fontsize=8)
+    return ax
+
+
+def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, np.ndarray], names: Sequence[str],
+                  titles: Sequence[str] | None = None):
+    """Radiographs with each structure's reference outline and every model's mask.
+
+    images: float [n, H, W] in [0, 1]; truth: bool [n, S, H, W]; predictions: ``{model
+    name: bool [n, S, H, W]}`` (the first is drawn filled, the others as dotted, dashed,
+    ... outlines); names: one legend label per structure (its colour in :data:`PALETTE`);
+    titles: one per image. Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+    from matplotlib.lines import Line2D
+    from matplotlib.patches import Patch
+
+    n = len(images)
+    models = list(predictions)
+    fig, axes = plt.subplots(1, n, figsize=(3.1 * n, 3.6), squeeze=False)
+    for k, ax in enumerate(axes[0]):
+        ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
+        for s in range(truth.shape[1]):
+            c = colour(s)
+            for j, model in enumerate(models):
+                m = predictions[model][k, s]
+                if not m.any():
+                    continue
+                if j == 0:
+                    ax.contourf(m.astype(float), levels=[0.5, 1.5], colors=[c], alpha=0.35)
+                else:
+                    ax.contour(m.astype(float), levels=[0.5], colors=[c], linewidths=1.0,
+                               linestyles=_LINESTYLES[(j - 1) % len(_LINESTYLES)])
+            if truth[k, s].any():
+                ax.contour(truth[k, s].astype(float), levels=[0.5], colors=[c], linewidths=1.2)
+        ax.set_axis_off()
+        if titles is not None:
+            ax.set_title(titles[k], fontsize=8)
+    handles = [Patch(color=colour(s), label=nm) for s, nm in enumerate(names)]
+    handles.append(Line2D([], [], color="k", lw=1.2, label="reference"))
+    for j, model in enumerate(models):
+        handles.append(Patch(color="k", alpha=0.35, label=model) if j == 0 else
+                       Line2D([], [], color="k", ls=_LINESTYLES[(j - 1) % len(_LINESTYLES)], label=model))
+    fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
+    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    return fig
+
+
+def plot_reconstructions(image: np.ndarray, originals: np.ndarray, reconstructions: dict[str, np.ndarray],
+                         names: Sequence[str], titles: Sequence[str], zoom: bool = True, axes=None):
+    """One column per structure: the original mask (filled) and each route's reconstruction (outline).
+
+    image: float [H, W] in [0, 1]; originals: bool [K, H, W]; reconstructions: {route: bool [K, H, W]};
+    names: route label per colour; titles: one per column. With ``zoom`` each panel shows
+    the structure's box plus a margin. Returns the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    k = len(originals)
+    if axes is None:
+        _, axes = plt.subplots(1, k, figsize=(2.6 * k, 2.9), squeeze=False)
+        axes = axes[0]
+    colours = _ROUTE_COLOURS
+    h, w = originals.shape[-2:]
+    for j in range(k):
+        ax = axes[j]
+        ax.imshow(image, cmap="gray", vmin=0, vmax=1)
+        ax.imshow(np.ma.masked_where(~originals[j], originals[j]), cmap="autumn", alpha=0.35, vmin=0, vmax=1)
+        for c, (route, rec) in enumerate(reconstructions.items()):
+            if rec[j].any():
+                ax.contour(rec[j].astype(float), levels=[0.5], colors=colours[c % len(colours)], linewidths=1.0)
+        if zoom and originals[j].any():
+            rows = np.flatnonzero(originals[j].any(1))
+            cols = np.flatnonzero(originals[j].any(0))
+            m = max(6, int(0.15 * max(rows[-1] - rows[0], cols[-1] - cols[0])))
+            ax.set_xlim(max(cols[0] - m, 0), min(cols[-1] + m, w - 1))
+            ax.set_ylim(min(rows[-1] + m, h - 1), max(rows[0] - m, 0))
+        ax.set_title(titles[j], fontsize=9)
+        ax.axis("off")
+    handles = [plt.Line2D([], [], color=colours[c % len(colours)], label=r) for c, r in enumerate(reconstructions)]
+    handles.insert(0, plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.35, label="original"))
+    axes[-1].legend(handles=handles, fontsize=7, loc="lower right")
+    return axes
