@@ -233,8 +233,8 @@ def train_loop(
 
     root = Path(checkpoint_dir) if checkpoint_dir is not None else None
     state = TrainingState()
-    saved = checkpoint_dirs(root) if root is not None else []
-    if saved and resume:
+    saved = checkpoint_dirs(root) if root is not None and resume else []
+    if saved:
         latest = saved[-1]
         meta = json.loads((latest / STATE_NAME).read_text())
         if meta.get("fingerprint") == fingerprint:

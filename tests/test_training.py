@@ -91,3 +91,16 @@ def test_a_model_without_trainable_parameters_is_an_error(tmp_path):
     with pytest.raises(ValueError, match="no trainable parameters"):
         train_loop(model, [p for p in model.parameters() if p.requires_grad], None,
                    lambda m, b, s: (m(torch.ones(1, 2)).sum(), {}), LoopConfig(steps=2, lr=0.1, device="cpu"))
+
+
+def test_resume_false_starts_afresh_and_clears_the_old_states(tmp_path):
+    _run(tmp_path / "run", save_every=2, stop_after=6)
+    x, y = _data()
+    torch.manual_seed(1)
+    model = torch.nn.Linear(5, 1)
+    res = train_loop(model, model.parameters(), None,
+                     lambda m, b, s: (torch.nn.functional.mse_loss(m(x), y), {}),
+                     LoopConfig(steps=3, lr=0.01, device="cpu", progress=False), checkpoint_dir=tmp_path / "run",
+                     resume=False)
+    assert res.resumed_from_step == 0 and res.finished
+    assert [p.name for p in checkpoint_dirs(tmp_path / "run")] == ["step_000003"]  # none of the old run's left
