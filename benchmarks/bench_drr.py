@@ -98,6 +98,7 @@ def worker_diffdrr(sizes: list[int], out: Path, patch_size: int | None, ref_size
     from chexanatomy_lib.ct.detector import hu_to_mu
     from chexanatomy_lib.ct.geometry import Detector, PatientPose, patient_rays
     from chexanatomy_lib.ct.io import diffdrr_data_dir, load_example_case
+    from chexanatomy_lib.ct.projector import masks_from_path_lengths
     from chexanatomy_lib.ct.synthesis import label_groups, structures_present
 
     data = diffdrr_data_dir()
@@ -136,9 +137,8 @@ def worker_diffdrr(sizes: list[int], out: Path, patch_size: int | None, ref_size
                     times.append(time.perf_counter() - t)
                     path = path[torch.as_tensor(label_ids, dtype=torch.long)].T  # [H*W, L] compact order
                     for name in DICE_STRUCTURES:
-                        g = groups[names.index(name)]
-                        arrays[f"mask_{name}_{view}_{size}"] = (
-                            (path[:, g].sum(1) > threshold).view(size, size).numpy())
+                        mask = masks_from_path_lengths(path, [groups[names.index(name)]], threshold)[0]
+                        arrays[f"mask_{name}_{view}_{size}"] = mask.view(size, size).numpy()
             del img
         res["per_size"][str(size)] = {"seconds_per_image": float(np.mean(times)),
                                       "images_per_s": float(1.0 / np.mean(times))}

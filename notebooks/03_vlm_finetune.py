@@ -14,7 +14,7 @@
 # # Fine-tuning PaliGemma to write anatomy
 #
 # CheXanatomy's model has no segmentation head. PaliGemma reads a radiograph and a
-# prompt such as `segment left lung ; heart` and *writes* the answer as tokens: per
+# prompt such as `segment left lung field ; heart` and *writes* the answer as tokens: per
 # structure four `<loc>` tokens for its box (`ymin, xmin, ymax, xmax`, 1,024 bins)
 # and sixteen `<seg>` tokens that the mask VQ-VAE of chapter 2 decodes to the mask
 # inside that box, followed by the structure's name. Everything is next-token
@@ -37,10 +37,11 @@
 # one of `augment_copies` rotated, zoomed and shifted copies of its image, made once
 # before training; both its `<loc>` and its `<seg>` tokens are recomputed from the
 # transformed masks, and a structure pushed partly out of the frame is dropped. The
-# default ranges (shifts up to 15 % of the side, zoom by up to 20 %) are about as wide
-# as the pose and magnification spread of chapter 1's cohort, so that a structure's
-# position has to be read from the image rather than remembered (the mean-mask
-# baseline below measures how far remembering gets). The model is either a small PaliGemma of the
+# default ranges (rotations up to 3 degrees, shifts up to 4 % of the side, zoom by up
+# to 8 %) are about as wide as the positioning and magnification spread of chapter 1's
+# cohort, framed like real films: wider ranges teach poses the test images never
+# show. The model learns the left and right *lung fields* (the lungs as real
+# radiographs are annotated, chapter 1) and the heart. The model is either a small PaliGemma of the
 # real architecture (SigLIP vision tower, linear projector, Gemma decoder) initialised
 # at random, in which case *every* weight trains, or a pretrained PaliGemma checkpoint
 # with LoRA adapters (rank 16) on the language model's attention and MLP projections,
@@ -80,14 +81,14 @@ adapter: str | None = None  # a published LoRA adapter (folder or id) to start f
 finetune_vision = True  # train the vision tower (always for random models; LoRA on SigLIP for checkpoints)
 lora_r = 16  # LoRA rank (checkpoints only)
 dtype = "auto"  # checkpoint weight dtype: "auto" (bf16 on CUDA), "float32", "bfloat16"
-structures = ["lung_left", "lung_right", "heart"]  # registry names to learn (those never usable in training are dropped)
+structures = ["lung_field_left", "lung_field_right", "heart"]  # registry names to learn (those never usable in training are dropped)
 task_mix = {"segment": 0.75, "detect": 0.15, "caption_box": 0.025, "caption_mask": 0.025, "highlight": 0.025, "view": 0.025}  # task sampling weights
 full_list_prob = 1.0  # share of segment/detect prompts listing all structures in order (the test request)
 augment = 0.8  # probability that a sample is a randomly rotated/zoomed/shifted copy
-augment_copies = 5  # augmented copies precomputed per training image (their tokens recomputed)
-max_rotation_deg = 10.0  # augmentation: rotation drawn in +-this (degrees)
-max_scale = 0.2  # augmentation: zoom drawn in [1 - this, 1 + this]
-max_shift = 0.15  # augmentation: shift drawn in +-this fraction of the side
+augment_copies = 10  # augmented copies precomputed per training image (their tokens recomputed)
+max_rotation_deg = 3.0  # augmentation: rotation drawn in +-this (degrees)
+max_scale = 0.08  # augmentation: zoom drawn in [1 - this, 1 + this]
+max_shift = 0.04  # augmentation: shift drawn in +-this fraction of the side
 steps = 900  # optimizer steps
 batch_size = 8  # samples per optimizer step
 lr = 0.003  # peak AdamW learning rate (5e-5 is the paper's LoRA value)
@@ -115,7 +116,7 @@ import torch
 from chexanatomy_lib.codec import MaskCodec
 from chexanatomy_lib.ct.dataset import ProjectedDataset
 from chexanatomy_lib.evaluation.baselines import mean_mask_predictions
-from chexanatomy_lib.evaluation.evaluate import evaluate_predictions
+from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, paired_difference
 from chexanatomy_lib.evaluation.figures import comparison_table, plot_overlays, plot_summary
 from chexanatomy_lib.evaluation.metrics import invalid_rate
 from chexanatomy_lib.evaluation.predictions import predict_split, save_predictions
@@ -236,14 +237,14 @@ pd.DataFrame({"decoding": list(decoders),
 
 # %%
 baseline = mean_mask_predictions(dataset, "test", structures=structures)
-_, summary_vlm = evaluate_predictions(pred, dataset, "test", structures=structures, n_boot=n_boot, seed=seed,
-                                      hd95_structures=[])
+per_image_vlm, summary_vlm = evaluate_predictions(pred, dataset, "test", structures=structures, n_boot=n_boot,
+                                                 seed=seed, hd95_structures=[])
 _, summary_other = evaluate_predictions(other_pred, dataset, "test", structures=structures, n_boot=n_boot,
                                         seed=seed, hd95_structures=[])
 _, summary_free = evaluate_predictions(free_pred, dataset, "test", structures=structures, n_boot=n_boot,
                                        seed=seed, hd95_structures=[])
-_, summary_base = evaluate_predictions(baseline, dataset, "test", structures=structures, n_boot=n_boot,
-                                       seed=seed, hd95_structures=[])
+per_image_base, summary_base = evaluate_predictions(baseline, dataset, "test", structures=structures, n_boot=n_boot,
+                                                   seed=seed, hd95_structures=[])
 summaries = {f"VLM (constrained, {loc_rule} loc)": summary_vlm, f"VLM (constrained, {other_rule} loc)": summary_other,
              "VLM (free)": summary_free, "mean training mask": summary_base}
 comparison_table(summaries)
@@ -266,18 +267,20 @@ plt.show()
 # average mask over the training images of the same view, thresholded at 0.5, which
 # never looks at the test image. A model that does not beat that baseline has learnt
 # nothing beyond where a structure usually lies.
+#
+# The paired comparison below is the measured form: per structure, and for the two
+# lung fields together, the VLM's Dice minus the baseline's on the same test images,
+# with a 95% bootstrap interval over images. An interval above zero says the VLM is
+# better than the baseline on these images, one that contains zero that this run
+# cannot tell them apart, one below zero that it is worse.
 
 # %%
-lungs = [s for s in ("lung_left", "lung_right") if s in structures]
-gain = pd.DataFrame({
-    "VLM − baseline, Dice": summary_vlm.loc[structures, "dice"] - summary_base.loc[structures, "dice"],
-    "VLM − baseline, box acc@0.5": summary_vlm.loc[structures, "box_acc@0.5"]
-    - summary_base.loc[structures, "box_acc@0.5"],
-})
-beats = gain[(gain > 0).all(axis=1)].index.tolist()
-print("beats the mean-mask baseline on both Dice and box accuracy:", beats or "none")
-print("does not:", [s for s in structures if s not in beats] or "none")
-gain
+lung_fields = [s for s in ("lung_field_left", "lung_field_right") if s in structures]
+paired = paired_difference(per_image_vlm, per_image_base, structures, n_boot=n_boot, seed=seed,
+                           together={"lung fields": lung_fields} if lung_fields else None)
+paired["verdict"] = ["n/a" if n == 0 else "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
+                     for n, lo, hi in zip(paired["n"], paired["difference_lo"], paired["difference_hi"])]
+paired.rename(columns={"a": "VLM Dice", "b": "baseline Dice", "difference": "VLM − baseline"}).round(3)
 
 # %%
 show = np.concatenate([test_idx[dataset.index["view"].to_numpy()[test_idx] == v][: (n_overlay + 1) // 2]
@@ -296,6 +299,10 @@ plt.show()
 # %%
 metrics = {"train_seconds": result.state.wall_s, "final_loss": result.log[-1]["loss"],
            "invalid_constrained": invalid_rate(pred.valid), "invalid_free": invalid_rate(free_pred.valid)}
+if lung_fields:
+    metrics.update({"lung_fields_vlm_minus_baseline_dice": paired.at["lung fields", "difference"],
+                    "lung_fields_vlm_minus_baseline_dice_lo": paired.at["lung fields", "difference_lo"],
+                    "lung_fields_vlm_minus_baseline_dice_hi": paired.at["lung fields", "difference_hi"]})
 for s in structures:
     metrics[f"dice/{s}"] = float(summary_vlm.loc[s, "dice"])
     metrics[f"box_acc@0.5/{s}"] = float(summary_vlm.loc[s, "box_acc@0.5"])
@@ -331,16 +338,17 @@ vlm_gpu_table().round(1)
 # are other deformed copies of the same anatomy. It therefore shows that the whole
 # pipeline works — multi-task prompts, token targets recomputed under augmentation,
 # resumable training, constrained decoding, the mask codec, the shared evaluation —
-# and whether the model has learnt to place each structure *in a given image* better
-# than the average mask does (the table above says plainly for which structures it
-# has). It cannot show anything about real radiographs, other patients, the paper's
-# Dice values or the comparison with the U-Net in distribution: those need many CTs
-# and a pretrained checkpoint (`model = "google/paligemma2-3b-pt-224"`, LoRA, the
-# paper profile on a GPU). Scores of one patient's copies are also optimistic for the
-# baseline, whose mean mask is a good guess when every image shows the same anatomy;
-# chapter 1 therefore varies the pose widely (large shifts and magnifications on a
-# wide detector), so that the average position alone often puts a lung's box at the
-# wrong place and box accuracy, not only Dice, can separate a model from it. With
-# twenty-odd test images the intervals are wide, and the ranking of model and baseline
-# can change with the seed; the table and the list printed above, not this text, say
-# what this run achieved.
+# and whether the model places each structure *in a given image* at least as well as
+# the average mask does (the paired table above says it per structure, with its
+# interval). It cannot show anything about real radiographs, other patients, the
+# paper's Dice values or the comparison with the U-Net in distribution: those need
+# many CTs and a pretrained checkpoint (`model = "google/paligemma2-3b-pt-224"`, LoRA,
+# the paper profile on a GPU). On films positioned as consistently as real ones, the
+# baseline is strong: every box it draws overlaps the reference with IoU above 0.5,
+# and its Dice is close to the real set's own mean-mask Dice (chapter 1), so box
+# accuracy no longer separates a model from it and Dice differences are small. A
+# tiny model trained from scratch for two CPU minutes can reach about the baseline's
+# lung-field Dice, not much more; the `gpu` profile is where the VLM must come close
+# to the U-Net. With twenty-odd test images the intervals are wide, and the ranking of model
+# and baseline can change with the seed; the paired table, not this text, says what
+# this run achieved.

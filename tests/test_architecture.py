@@ -22,6 +22,7 @@ FORBIDDEN = {
     "vlm": ("unet", "evaluation"),
     "unet": ("vlm", "evaluation"),
     "evaluation": ("vlm", "unet", "training"),
+    "real": ("codec", "evaluation", "vlm", "unet", "training"),
 }
 
 

@@ -232,7 +232,7 @@ def test_agreement_with_diffdrr_on_a_phantom():
         assert np.corrcoef(line.numpy(), line_ref)[0, 1] > 0.99
         assert np.abs(line.numpy() - line_ref).mean() < 0.03 * line_ref.mean(), (view, np.abs(line.numpy() - line_ref).mean(), line_ref.mean())
         for name in ("lungs", "heart", "lung_left"):
-            g = groups[NAMES.index(name)]
+            g = groups[NAMES.index(name)].include
             ref = (path_ref[:, g].sum(1) > settings.mask_threshold_mm).numpy().reshape(det.height, det.width)
             ours = masks[NAMES.index(name)]
             dice = 2 * (ours & ref).sum() / (ours.sum() + ref.sum())
@@ -309,3 +309,27 @@ def test_mask_smoothing_brings_a_voxelised_sphere_closer_to_its_true_outline():
     assert agreement[2.0] > max(agreement[1.0], agreement[3.0])  # best at about one voxel
     with pytest.raises(ValueError, match="mask_smoothing_mm"):
         RenderSettings(mask_smoothing_mm=-1.0)
+
+
+def test_a_lung_field_loses_exactly_the_pixels_a_heart_covers(volume):
+    """SCR's lung-field rule on a phantom: the lung behind (and in front of) the heart block
+    is cut out of the left lung field, pixel for pixel, and nothing else is."""
+    vol, _ = volume
+    names = ["lung_left", "heart", "lung_field_left"]
+    groups = label_groups(names, vol.label_ids)
+    assert groups[2].include == groups[0].include and groups[1].include[0] in groups[2].exclude
+    for view in ("pa", "lateral"):
+        _, masks, absent, _ = render_view(vol, view, PatientPose(), SETTINGS, groups)
+        lung, heart, field = masks
+        assert (lung & heart).any() and (lung & ~heart).any()  # the heart covers part of the lung
+        np.testing.assert_array_equal(field, lung & ~heart)
+        assert not absent[2]
+
+
+def test_excluded_labels_take_pixels_out_of_a_group():
+    from chexanatomy_lib.ct.synthesis import LabelGroup
+
+    path = torch.tensor([[5.0, 0.0, 0.0], [5.0, 4.0, 0.0], [5.0, 2.0, 2.0], [0.0, 9.0, 0.0]])  # [N=4 rays, L=3]
+    m = masks_from_path_lengths(path, [LabelGroup([0], [1, 2]), [0], LabelGroup([1], [])], threshold_mm=3.0)
+    # ray 1 crosses 4 mm of label 1: out; ray 2 crosses 2 + 2 mm of the excluded labels: out too
+    assert m.tolist() == [[True, False, False, False], [True, True, True, False], [False, True, False, True]]

@@ -153,8 +153,23 @@ def _write(tmp_path, body: str) -> Path:
     ("- {name: a, display: a, category: gizmo, ids: {total: 1}}\n", "category"),
     ("- {name: a, display: a, category: organ, members: [zz]}\n", "unknown member"),
     ("- {name: a, display: a, category: organ, ids: {other: 1}}\n", "unknown task"),
+    ("- {name: a, display: a, category: organ, ids: {total: 1}}\n"
+     "- {name: f, display: f, category: lung, members: [a], minus: [zz]}\n", "unknown structure 'zz' in 'minus'"),
+    ("- {name: a, display: a, category: organ, ids: {total: 1}}\n"
+     "- {name: f, display: f, category: lung, minus: [a]}\n", "'minus' needs 'members'"),
 ])
 def test_invalid_registry_files_are_rejected(tmp_path, body, problem):
     with pytest.raises(RegistryError, match=problem) as err:
         read_registry(_write(tmp_path, body))
     assert "structures.yaml" in str(err.value)
+
+
+def test_lung_fields_are_the_lungs_minus_what_covers_them(reg):
+    for side in ("left", "right"):
+        field = reg.get(f"lung_field_{side}")
+        assert field.members == (f"lung_{side}",) and field.is_projection_derived and field.category == "lung"
+        assert {"heart", "aorta", "liver", "spleen", "trachea", "esophagus"} <= set(field.minus)
+        assert not ({"lung_left", "lung_right", "ribs_left", "spine"} & set(field.minus))
+    assert reg.resolve("left lung field").name == "lung_field_left"
+    assert reg.resolve("left lung").name == "lung_left"  # the lung and its field are different structures
+

@@ -207,7 +207,8 @@ def test_structures_present_adds_derived_unions():
     reg = load_registry()
     ids = [reg.get("lung_upper_lobe_left").ids["total"], reg.get("heart").ids["total"]]
     names = structures_present(ids)
-    assert names == [s.name for s in reg if s.name in {"lung_upper_lobe_left", "heart", "lung_left", "lungs"}]
+    assert names == [s.name for s in reg if s.name in {"lung_upper_lobe_left", "heart", "lung_left", "lungs",
+                                                       "lung_field_left"}]
 
 
 def test_shards_from_separate_processes_merge_to_the_full_dataset(cases, dataset, tmp_path):

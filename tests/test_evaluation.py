@@ -186,3 +186,29 @@ def test_comparison_table_and_overlays_draw_every_model_one_way(dataset):
                         titles=["a", "b", "c"])
     labels = [t.get_text() for t in fig.legends[0].get_texts()]
     assert labels == NAMES + ["reference", "perfect", "baseline"]
+
+
+def test_paired_difference_resamples_images_and_pairs_structures():
+    import pandas as pd
+
+    from chexanatomy_lib.evaluation.evaluate import paired_difference
+    from chexanatomy_lib.evaluation.metrics import bootstrap_ci
+
+    rng = np.random.default_rng(1)
+    ids = [f"i{k}" for k in range(12)]
+    a = pd.DataFrame([{"image_id": i, "structure": s, "dice": d} for i in ids for s, d in
+                      (("x", rng.uniform(0.8, 0.9)), ("y", rng.uniform(0.5, 0.9)))])
+    b = a.assign(dice=a["dice"] - np.where(a["structure"] == "x", 0.1, 0.2))
+    b.loc[(b.image_id == "i0") & (b.structure == "x"), "dice"] = np.nan  # not scored: the pair drops out
+    table = paired_difference(a, b, ["x"], n_boot=300, seed=5, together={"y alone": ["y"], "both": ["x", "y"]})
+    assert list(table.index) == ["x", "y alone", "both"] and list(table["n"]) == [11, 12, 12]
+    assert table.loc["x", "difference"] == pytest.approx(0.1) and table.loc["x", "difference_lo"] == pytest.approx(0.1)
+    diffs = (a["dice"] - b["dice"])[a.structure == "y"].to_numpy()
+    est, lo, hi = bootstrap_ci(diffs, n_boot=300, seed=5 + 1)
+    assert (table.loc["y alone", "difference"], table.loc["y alone", "difference_lo"],
+            table.loc["y alone", "difference_hi"]) == \
+        pytest.approx((est, lo, hi))
+    assert table.loc["y alone", "a"] - table.loc["y alone", "b"] == pytest.approx(0.2)
+    # a group averages its members' differences per image: image i0 has y's (0.2) only,
+    # the other eleven x's and y's (0.15)
+    assert table.loc["both", "difference"] == pytest.approx((0.2 + 11 * 0.15) / 12)

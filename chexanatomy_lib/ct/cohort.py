@@ -223,12 +223,15 @@ class SourceCT:
 
 
 def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopySpec | None = None,
-                        margin_mm: float = 0.0, device=None) -> WorkingVolume:
+                        margin_mm: float = 0.0, device=None, centre_on=None) -> WorkingVolume:
     """Resample a prepared CT (optionally deformed by ``copy``) onto an isotropic grid.
 
     The output grid is axis-aligned in world, ``spacing_mm`` per voxel, centred
     on the source volume, its voxels covering the source volume's box (outer
-    voxel faces) plus ``margin_mm`` on every side; the isocentre is the source volume's centre ``c``. Attenuation
+    voxel faces) plus ``margin_mm`` on every side. The isocentre is the source volume's
+    centre ``c``, or with ``centre_on`` (compact label indices, e.g. the lungs') the centre
+    of those labels' bounding box in the resampled (deformed) copy, as a radiographer
+    centres the field on the chest of each patient. Attenuation
     is sampled trilinearly, labels by nearest voxel, through the inverse map
     ``p = c + (q - c) / scale + u(q)`` from output point ``q`` to source point
     ``p`` (``u`` the displacement, trilinear between the control points).
@@ -298,8 +301,15 @@ def make_working_volume(source: "SourceCT", spacing_mm: float = 2.0, copy: CopyS
         flat = (idx[..., 0] * int(shape_in[1]) + idx[..., 1]) * int(shape_in[2]) + idx[..., 2]
         lab_out[:, :, z0:z1] = torch.where(inside, lab_in[flat], zero)
 
+    isocentre = centre.copy()
+    if centre_on:
+        sel = torch.isin(lab_out, torch.as_tensor(list(centre_on), dtype=lab_out.dtype, device=dev))
+        extent = [torch.nonzero(sel.any(dim=tuple(d for d in range(3) if d != a))).flatten() for a in range(3)]
+        if all(len(e) for e in extent):  # the labels are in the copy: their box's centre, in world mm
+            mid = np.array([(float(e[0]) + float(e[-1])) / 2.0 for e in extent])
+            isocentre = out_affine[:3, :3] @ mid + out_affine[:3, 3]
     if dev.type == "cpu":
         mu_out, lab_out = mu_out.numpy(), lab_out.numpy()
     return WorkingVolume(mu=mu_out, labels=lab_out, label_ids=source.label_ids,
-                         affine=out_affine, isocentre=centre.copy(), face_labels=source.face_labels,
+                         affine=out_affine, isocentre=isocentre, face_labels=source.face_labels,
                          face_normals=source.face_normals, copy=copy)

@@ -348,19 +348,33 @@ def smooth_masks(masks: torch.Tensor, sigma_px: float) -> torch.Tensor:
     return out
 
 
-def masks_from_path_lengths(path_mm: torch.Tensor, groups: list[list[int]], threshold_mm: float) -> torch.Tensor:
+def masks_from_path_lengths(path_mm: torch.Tensor, groups: list, threshold_mm: float) -> torch.Tensor:
     """Binary masks from per-label path lengths.
 
     ``path_mm`` ``float32 [..., N, L]`` (mm, e.g. ``[B, H*W, L]`` from
-    :meth:`RayMarcher.project_images`), ``groups[s]`` the compact label indices
-    making up structure ``s`` (one for a TotalSegmentator class, several for a
-    union such as a whole lung; empty for a structure not in the volume). A ray
-    belongs to structure ``s`` when its summed path length through the group
-    exceeds ``threshold_mm`` (>= 0, so an empty group gives an empty mask).
+    :meth:`RayMarcher.project_images`); ``groups[s]`` the compact label indices making up
+    structure ``s`` (one for a TotalSegmentator class, several for a union such as a
+    whole lung; empty for a structure not in the volume), or a
+    :class:`~chexanatomy_lib.ct.synthesis.LabelGroup` whose ``exclude`` labels take a
+    pixel out again (a lung field: the lung minus what lies in front of or behind the
+    heart, mediastinum and abdomen). A ray belongs to structure ``s`` when its summed
+    path length through the included labels exceeds ``threshold_mm`` (>= 0) and its
+    summed path length through the excluded ones does not.
     Returns ``bool [..., S, N]`` on the device of ``path_mm``.
     """
     if not threshold_mm >= 0:
         raise ValueError(f"threshold_mm must be >= 0, got {threshold_mm}")
+    include = [list(getattr(g, "include", g)) for g in groups]
+    exclude = [list(getattr(g, "exclude", ())) for g in groups]
+    masks = _path_length_masks(path_mm, include, threshold_mm)
+    cut = [s for s, e in enumerate(exclude) if e]
+    if cut:
+        covered = _path_length_masks(path_mm, [exclude[s] for s in cut], threshold_mm)
+        masks[..., cut, :] &= ~covered
+    return masks
+
+
+def _path_length_masks(path_mm: torch.Tensor, groups: list[list[int]], threshold_mm: float) -> torch.Tensor:
     # one product with a 0/1 membership matrix sums every group of every ray at once,
     # on the device the rays were traced on
     member = torch.zeros(path_mm.shape[-1], len(groups), device=path_mm.device)

@@ -57,6 +57,7 @@ class Structure:
     category: str  # one of CATEGORIES
     ids: Mapping[str, int] = field(default_factory=dict)  # {task: label id}; empty for derived
     members: tuple[str, ...] = ()  # derived structures: names whose union this is; else empty
+    minus: tuple[str, ...] = ()  # derived 2D structures: a pixel is left out where its ray crosses any of these
     excluded: bool = False  # dropped from supervision by the paper (fat, discs)
     note: str = ""  # free-text remark from the registry file
 
@@ -64,6 +65,12 @@ class Structure:
     def is_derived(self) -> bool:
         """True for a union of other structures (``lung_left``, ``spine``, ...)."""
         return bool(self.members)
+
+    @property
+    def is_projection_derived(self) -> bool:
+        """True for a structure defined on the radiograph: the members' projection minus
+        the pixels whose rays cross a ``minus`` structure (``lung_field_left``, ...)."""
+        return bool(self.minus)
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -101,6 +108,8 @@ class Registry:
                 raise self._fail(f"structure {s.name!r}: category {s.category!r} not one of {CATEGORIES}")
             if s.members and s.ids:
                 raise self._fail(f"structure {s.name!r}: a derived structure has members, not ids")
+            if s.minus and not s.members:
+                raise self._fail(f"structure {s.name!r}: 'minus' needs 'members' (the projection it is cut from)")
             for task, i in s.ids.items():
                 if task not in self.tasks:
                     raise self._fail(f"structure {s.name!r}: unknown task {task!r} (declare it under 'tasks')")
@@ -121,6 +130,11 @@ class Registry:
             for m in s.members:
                 if m not in self._by_name:
                     raise self._fail(f"derived structure {s.name!r}: unknown member {m!r}")
+            for m in s.minus:
+                if m not in self._by_name:
+                    raise self._fail(f"derived structure {s.name!r}: unknown structure {m!r} in 'minus'")
+                if self._by_name[m].minus:
+                    raise self._fail(f"derived structure {s.name!r}: {m!r} in 'minus' is itself cut by 'minus'")
             self.expand(s.name)  # raises on cycles
         for alias, task in self._task_aliases.items():
             if task not in self.tasks:
@@ -231,7 +245,7 @@ class Registry:
 def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
     if not isinstance(entry, dict) or "name" not in entry:
         raise RegistryError(f"{source}: entry {index} is not a mapping with a 'name'")
-    allowed = {"name", "display", "synonyms", "category", "ids", "members", "excluded", "note"}
+    allowed = {"name", "display", "synonyms", "category", "ids", "members", "minus", "excluded", "note"}
     extra = set(entry) - allowed
     if extra:
         raise RegistryError(f"{source}: structure {entry['name']!r} has unknown keys {sorted(extra)}")
@@ -240,9 +254,11 @@ def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
             raise RegistryError(f"{source}: structure {entry['name']!r} needs a string {key!r}")
     synonyms = entry.get("synonyms") or []
     members = entry.get("members") or []
+    minus = entry.get("minus") or []
     ids = entry.get("ids") or {}
-    if not isinstance(synonyms, list) or not isinstance(members, list) or not isinstance(ids, dict):
-        raise RegistryError(f"{source}: structure {entry['name']!r}: synonyms/members must be lists, ids a mapping")
+    if not all(isinstance(v, list) for v in (synonyms, members, minus)) or not isinstance(ids, dict):
+        raise RegistryError(f"{source}: structure {entry['name']!r}: synonyms/members/minus must be lists, "
+                            "ids a mapping")
     return Structure(
         name=str(entry["name"]),
         display=entry["display"],
@@ -250,6 +266,7 @@ def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
         category=entry["category"],
         ids=MappingProxyType(dict(ids)),
         members=tuple(str(m) for m in members),
+        minus=tuple(str(m) for m in minus),
         excluded=bool(entry.get("excluded", False)),
         note=str(entry.get("note", "")),
     )

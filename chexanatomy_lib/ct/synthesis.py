@@ -20,7 +20,7 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
 
 import numpy as np
 
@@ -43,6 +43,8 @@ class RenderSettings:
     step_mm: float = 1.0  # ray-marching step (mm)
     mask_threshold_mm: float = 3.0  # a pixel is in a structure when its ray crosses > this (mm)
     mask_smoothing_mm: float = 0.0  # anti-aliasing: Gaussian sigma (mm at the isocentre) of a blur-and-rethreshold of each mask
+    centre_on: str | None = None  # structure whose 3D box centre is the isocentre in the nominal pose (None: the CT's centre)
+    centre_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # isocentre moved by this (x right, y anterior, z superior; mm)
     mu_water: float = MU_WATER_PER_MM  # attenuation of water (1/mm)
     detector: DetectorModel = field(default_factory=DetectorModel)  # intensity, noise, contrast
 
@@ -67,6 +69,7 @@ class RenderSettings:
     def as_dict(self) -> dict:
         d = asdict(self)
         d["detector"] = self.detector.as_dict()
+        d["centre_offset_mm"] = list(self.centre_offset_mm)
         return d
 
     @classmethod
@@ -75,25 +78,45 @@ class RenderSettings:
         det = dict(d.pop("detector", {}))
         if det.get("window") is not None:
             det["window"] = tuple(det["window"])
+        if "centre_offset_mm" in d:
+            d["centre_offset_mm"] = tuple(float(v) for v in d["centre_offset_mm"])
         return cls(**d, detector=DetectorModel(**det))
 
 
-def label_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[list[int]]:
-    """For each structure name, the compact label indices (into ``label_ids``) of its
-    ``total`` ids present in the volume; empty when none is present."""
+class LabelGroup(NamedTuple):
+    """Which labels make a structure's mask: compact label indices (into a volume's
+    ``label_ids``) whose summed path length puts a pixel in the mask (``include``), and
+    those whose path length takes it out again (``exclude``: the ``minus`` structures of
+    a derived 2D structure such as a lung field; empty for every other structure)."""
+
+    include: list[int]
+    exclude: list[int] = []
+
+
+def label_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[LabelGroup]:
+    """For each structure name, its :class:`LabelGroup`: the compact label indices (into
+    ``label_ids``) of the ``total`` ids of its members, and of its ``minus`` structures,
+    present in the volume (empty when none is present)."""
     from .registry import load_registry
 
     reg = load_registry()
     index = {int(i): k for k, i in enumerate(np.asarray(label_ids)) if i != 0}
-    groups = []
-    for name in structures:
-        g = []
-        for leaf in reg.expand(name):
-            tid = reg.get(leaf).ids.get("total")
-            if tid is not None and int(tid) in index:
-                g.append(index[int(tid)])
-        groups.append(sorted(g))
-    return groups
+
+    def present(names: Sequence[str]) -> list[int]:
+        out = set()
+        for name in names:
+            for leaf in reg.expand(name):
+                tid = reg.get(leaf).ids.get("total")
+                if tid is not None and int(tid) in index:
+                    out.add(index[int(tid)])
+        return sorted(out)
+
+    return [LabelGroup(present([name]), present(reg.get(name).minus)) for name in structures]
+
+
+def centre_labels(settings: RenderSettings, label_ids: np.ndarray) -> list[int] | None:
+    """Compact label indices of the structure the field is centred on (``settings.centre_on``), or None."""
+    return label_groups([settings.centre_on], label_ids)[0].include if settings.centre_on else None
 
 
 def structures_present(label_ids: Sequence[int]) -> list[str]:
@@ -154,7 +177,8 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
         marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
                              device=device)
     det = settings.detector_geometry()
-    grids = np.array([patient_ray_grid(v, det, p, volume.isocentre) for v, p in zip(views, poses)])  # [B, 4, 3]
+    iso = np.asarray(volume.isocentre, dtype=np.float64) + np.asarray(settings.centre_offset_mm, dtype=np.float64)
+    grids = np.array([patient_ray_grid(v, det, p, iso) for v, p in zip(views, poses)])  # [B, 4, 3]
     if marcher.device.type == "cpu":  # image by image: each image's rays stay in cache
         out = [marcher.project_images(*grids[k:k + 1].transpose(1, 0, 2), n, n) for k in range(b)]
         line, path = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
@@ -172,7 +196,7 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
     truncated = np.zeros((b, len(groups)), dtype=bool)
     for k, (view, pose) in enumerate(zip(views, poses)):
         cut_labels = volume.truncating_labels(view, pose)
-        truncated[k] = np.array([bool(cut_labels[g].any()) if g else False for g in groups]) | border[k]
+        truncated[k] = np.array([bool(cut_labels[g.include].any()) if g.include else False for g in groups]) | border[k]
     truncated &= ~absent
     if to_numpy:
         images, masks = images.cpu().numpy(), masks.cpu().numpy()
@@ -346,7 +370,8 @@ def synthesize_dataset(
                 source = SourceCT.from_case(case, settings.mu_water)
                 groups = label_groups(names, source.label_ids)
             volume = make_working_volume(source, settings.working_spacing_mm, copy,
-                                         device=None if dev == "cpu" else dev)
+                                         device=None if dev == "cpu" else dev,
+                                         centre_on=centre_labels(settings, source.label_ids))
             marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
                                  device=dev, compile=dev == "cuda")
             for a in range(0, len(rows), batch):
@@ -442,7 +467,8 @@ def synthesis_arguments(params: dict[str, Any]) -> dict[str, Any]:
         image_size=int(p["image_size"]), field_mm=float(p["field_mm"]), sid_mm=float(p["sid_mm"]),
         working_spacing_mm=float(p["working_spacing_mm"]), step_mm=float(p["step_mm"]),
         mask_threshold_mm=float(p["mask_threshold_mm"]),
-        mask_smoothing_mm=float(p.get("mask_smoothing_mm", 0.0)),
+        mask_smoothing_mm=float(p.get("mask_smoothing_mm", 0.0)), centre_on=p.get("centre_on"),
+        centre_offset_mm=tuple(float(v) for v in p.get("centre_offset_mm", (0.0, 0.0, 0.0))),
         detector=DetectorModel(photons_per_pixel=p["photons_per_pixel"], gamma=float(p["gamma"])))
     pose_ranges = PoseRanges(translation_mm=tuple(p["translation_mm"]), rotation_deg=tuple(p["rotation_deg"]),
                              sod_mm=tuple(p["sod_range_mm"]))
@@ -479,7 +505,8 @@ class CaseRenderer:
 
     def _volume_of(self, copy: CopySpec) -> WorkingVolume:
         if self.volume is None or self.volume.copy != copy:
-            self.volume = make_working_volume(self.source, self.settings.working_spacing_mm, copy)
+            self.volume = make_working_volume(self.source, self.settings.working_spacing_mm, copy,
+                                              centre_on=centre_labels(self.settings, self.source.label_ids))
         return self.volume
 
     def render(self, row: Any, image_size: int, structures: Sequence[str] | None = None,

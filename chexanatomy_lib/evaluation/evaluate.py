@@ -31,7 +31,7 @@ import pandas as pd
 
 from ..codec.geometry import masks_to_boxes
 from .metrics import (
-    box_iou, bootstrap_table, confusion_counts, dice_from_counts, hd95, invalid_rate, iou_from_counts,
+    box_iou, bootstrap_ci, bootstrap_table, confusion_counts, dice_from_counts, hd95, invalid_rate, iou_from_counts,
 )
 from .predictions import Predictions, PredictionsError
 
@@ -186,3 +186,36 @@ def summarize(scores: pd.DataFrame, by: str | Sequence[str] = "structure", metri
                *(c for c in ("tp", "fp", "fn") if c in scores.columns)]
     table = pd.DataFrame(rows, columns=columns)
     return table.set_index(keys[0] if len(keys) == 1 else keys)
+
+
+def paired_difference(a: pd.DataFrame, b: pd.DataFrame, structures: Sequence[str], metric: str = "dice",
+                      n_boot: int = 1000, seed: int = 0,
+                      together: dict[str, Sequence[str]] | None = None) -> pd.DataFrame:
+    """Model A minus model B on the same images: the paired form of a comparison.
+
+    a, b: per-image tables of :func:`evaluate_predictions` (``image_id``, ``structure``,
+    ``metric``); only (image, structure) pairs scored in both count. One row per
+    structure, and one per entry of ``together`` (``{row name: structures}``, e.g.
+    ``{"lung fields": ["lung_field_left", "lung_field_right"]}``: the per-image mean over
+    those structures): ``n`` images, the mean difference and its 95% percentile bootstrap
+    interval over images (the k-th row seeded ``seed + k``), and ``a`` and ``b``, the two
+    means on those images. Returns a DataFrame indexed by row name.
+    """
+    key = ["image_id", "structure"]
+    wanted = list(dict.fromkeys([*structures, *(s for ss in (together or {}).values() for s in ss)]))
+    both = a.set_index(key)[[metric]].join(b.set_index(key)[[metric]], how="inner", lsuffix="_a", rsuffix="_b")
+    both = both.dropna().reset_index()
+    both = both[both["structure"].isin(wanted)]
+    both["diff"] = both[f"{metric}_a"] - both[f"{metric}_b"]
+    cols = [f"{metric}_a", f"{metric}_b", "diff"]
+    groups = [(s, both[both["structure"] == s]) for s in structures]
+    for name, members in (together or {}).items():
+        part = both[both["structure"].isin(list(members))]
+        groups.append((name, part.groupby("image_id", sort=False)[cols].mean()))
+    rows = []
+    for k, (name, g) in enumerate(groups):
+        est, lo, hi = bootstrap_ci(g["diff"].to_numpy(), n_boot=n_boot, seed=seed + k)
+        rows.append({"structure": name, "n": len(g), "a": g[f"{metric}_a"].mean() if len(g) else np.nan,
+                     "b": g[f"{metric}_b"].mean() if len(g) else np.nan, "difference": est,
+                     "difference_lo": lo, "difference_hi": hi})
+    return pd.DataFrame(rows).set_index("structure")

@@ -7,7 +7,9 @@
 * :func:`plot_summary`: the same as bars with 95% intervals;
 * :func:`plot_overlays`: radiographs with the reference outlines and each model's masks;
 * :func:`plot_reconstructions`: one structure per panel, zoomed, the reference filled and
-  each route's mask outlined (the codec's round trips).
+  each route's mask outlined (the codec's round trips);
+* :func:`plot_distributions`, :func:`plot_mean_masks`: several sets of masks (real and
+  projected) side by side, as overlaid histograms of a statistic and as mean masks.
 
 Figures are returned, not shown.
 """
@@ -195,3 +197,44 @@ def plot_reconstructions(image: np.ndarray, originals: np.ndarray, reconstructio
     handles.insert(0, plt.Rectangle((0, 0), 1, 1, color="tab:red", alpha=0.35, label="original"))
     axes[-1].legend(handles=handles, fontsize=7, loc="lower right")
     return axes
+
+
+def plot_distributions(tables: dict[str, pd.DataFrame], columns: Sequence[str], bins: int = 25, axes=None):
+    """Overlaid histograms (densities) of ``columns`` for several sets: ``{set name: table
+    with those columns}`` (e.g. :func:`~chexanatomy_lib.evaluation.domain_gap.shape_statistics`).
+    One panel per column, a dashed line at each set's median. Returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(columns), figsize=(3.6 * len(columns), 2.9), squeeze=False)
+        axes = axes[0]
+    for ax, col in zip(axes, columns):
+        values = [t[col].dropna().to_numpy() for t in tables.values()]
+        lo, hi = min(v.min() for v in values if len(v)), max(v.max() for v in values if len(v))
+        edges = np.linspace(lo, hi, bins + 1)
+        for k, (name, v) in enumerate(zip(tables, values)):
+            c = _ROUTE_COLOURS[k % len(_ROUTE_COLOURS)]
+            ax.hist(v, bins=edges, density=True, alpha=0.45, color=c, label=f"{name} (n={len(v)})")
+            ax.axvline(np.median(v), color=c, ls="--", lw=1)
+        ax.set_title(col.replace("_", " "), fontsize=9)
+        ax.set_yticks([])
+    axes[0].legend(fontsize=7)
+    return axes
+
+
+def plot_mean_masks(sets: dict[str, np.ndarray], axes=None):
+    """One panel per set of masks bool [N, H, W]: the mean mask (the share of masks covering
+    each pixel, 0 to 1) with its 0.5 contour. Returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    if axes is None:
+        _, axes = plt.subplots(1, len(sets), figsize=(3.2 * len(sets), 3.3), squeeze=False)
+        axes = axes[0]
+    for ax, (name, masks) in zip(axes, sets.items()):
+        mean = np.asarray(masks, dtype=bool).mean(0)
+        ax.imshow(mean, cmap="magma", vmin=0, vmax=1)
+        ax.contour(mean, levels=[0.5], colors=["w"], linewidths=1.0)
+        ax.set_title(f"{name}\nmean of {len(masks)} masks", fontsize=8)
+        ax.set_axis_off()
+    return axes
+
