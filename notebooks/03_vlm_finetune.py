@@ -270,16 +270,15 @@ plt.show()
 #
 # The paired comparison below is the measured form: per structure, and for the two
 # lung fields together, the VLM's Dice minus the baseline's on the same test images,
-# with a 95% bootstrap interval over images. An interval above zero says the VLM is
-# better than the baseline on these images, one that contains zero that this run
-# cannot tell them apart, one below zero that it is worse.
+# with a 95% bootstrap interval over images and the verdict read from it (A is the
+# VLM): an interval above zero says the VLM is better than the baseline on these
+# images, one that contains zero that this run cannot tell them apart, one below zero
+# that it is worse.
 
 # %%
 lung_fields = [s for s in ("lung_field_left", "lung_field_right") if s in structures]
 paired = paired_difference(per_image_vlm, per_image_base, structures, n_boot=n_boot, seed=seed,
                            together={"lung fields": lung_fields} if lung_fields else None)
-paired["verdict"] = ["n/a" if n == 0 else "better" if lo > 0 else "worse" if hi < 0 else "not distinguishable"
-                     for n, lo, hi in zip(paired["n"], paired["difference_lo"], paired["difference_hi"])]
 paired.rename(columns={"a": "VLM Dice", "b": "baseline Dice", "difference": "VLM − baseline"}).round(3)
 
 # %%

@@ -211,16 +211,16 @@ plt.show()
 # %%
 fields = [s for s in ("lung_field_left", "lung_field_right") if s in learnt]
 compared = [s for s in ("lung_field_left", "lung_field_right", "lung_left", "lung_right", "heart") if s in learnt]
-pairs = [("U-Net", "mean-mask baseline"), ("VLM (chapter 3)", "mean-mask baseline"), ("U-Net", "VLM (chapter 3)")]
+pairs = {"unet_minus_baseline": ("U-Net", "mean-mask baseline"),  # metrics key: (model A, model B)
+         "vlm_minus_baseline": ("VLM (chapter 3)", "mean-mask baseline"),
+         "unet_minus_vlm": ("U-Net", "VLM (chapter 3)")}
 paired = {}
-for a, b in pairs:
+for key, (a, b) in pairs.items():
     if a in per_image and b in per_image:
-        paired[f"{a} − {b}"] = paired_difference(per_image[a], per_image[b], compared, n_boot=n_boot, seed=seed,
+        paired[key] = paired_difference(per_image[a], per_image[b], compared, n_boot=n_boot, seed=seed,
                                                  together={"lung fields": fields} if fields else None)
-paired_table = pd.concat(paired, names=["comparison", "structure"])
-paired_table["verdict"] = ["n/a" if n == 0 else "A better" if lo > 0 else "A worse" if hi < 0 else "not distinguishable"
-                           for n, lo, hi in zip(paired_table["n"], paired_table["difference_lo"],
-                                                paired_table["difference_hi"])]
+paired_table = pd.concat({" − ".join(pairs[key]): table for key, table in paired.items()},
+                         names=["comparison", "structure"])
 paired_table.to_csv(out / "paired_differences.csv")
 paired_table.round(3)
 
@@ -233,10 +233,8 @@ for model, key in (("mean-mask baseline", "baseline"), ("VLM (chapter 3)", "vlm"
         headline[f"{key}_dice_mean"] = float(np.nanmean(s["dice"]))
         headline[f"{key}_dice_lung"] = float(np.nanmean(s.loc[lungs, "dice"])) if lungs else None
         headline[f"{key}_dice_lung_field"] = float(np.nanmean(s.reindex(fields)["dice"])) if fields else None
-for name, table in paired.items():
+for key, table in paired.items():
     if "lung fields" in table.index:
-        key = name.replace("VLM (chapter 3)", "vlm").replace("mean-mask baseline", "baseline").replace(" − ", "_minus_")
-        key = key.lower().replace("-", "")
         for col in ("difference", "difference_lo", "difference_hi"):
             headline[f"lung_fields_{key}_dice_{col}"] = table.at["lung fields", col]
 last = result.history["epochs"][-1] if result.history["epochs"] else {}

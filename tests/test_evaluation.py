@@ -203,6 +203,9 @@ def test_paired_difference_resamples_images_and_pairs_structures():
     table = paired_difference(a, b, ["x"], n_boot=300, seed=5, together={"y alone": ["y"], "both": ["x", "y"]})
     assert list(table.index) == ["x", "y alone", "both"] and list(table["n"]) == [11, 12, 12]
     assert table.loc["x", "difference"] == pytest.approx(0.1) and table.loc["x", "difference_lo"] == pytest.approx(0.1)
+    assert (table["verdict"] == "A better").all()  # every interval lies above zero
+    swapped = paired_difference(b, a, ["x", "z"], n_boot=300, seed=5)
+    assert list(swapped["verdict"]) == ["A worse", "n/a"]  # z: scored in neither
     diffs = (a["dice"] - b["dice"])[a.structure == "y"].to_numpy()
     est, lo, hi = bootstrap_ci(diffs, n_boot=300, seed=5 + 1)
     assert (table.loc["y alone", "difference"], table.loc["y alone", "difference_lo"],

@@ -206,8 +206,10 @@ def train_vqvae(
         loop = LoopConfig(steps=tc.steps, lr=tc.lr, warmup_steps=max(1, int(0.05 * tc.steps)), min_lr_ratio=0.02,
                           weight_decay=tc.weight_decay, grad_clip=tc.grad_clip, save_every=save_every,
                           log_every=10, stop_after=stop_after, desc="VQ-VAE", progress=progress)
-        fingerprint = {"model": mc.to_json(), "train": {k_: v for k_, v in asdict(tc).items() if k_ not in _RESUME_FREE},
-                       "crops": _digest(data), "weights": None if w is None else _digest(w)}
+        # NOTE: hashing the crops takes a moment; only a run that saves states needs it
+        fingerprint = None if checkpoint_dir is None else {
+            "model": mc.to_json(), "train": {k_: v for k_, v in asdict(tc).items() if k_ not in _RESUME_FREE},
+            "crops": _digest(data), "weights": None if w is None else _digest(w)}
         result = train_loop(model, list(model.encoder.parameters()) + list(model.decoder.parameters()), batches,
                             loss_fn, loop, checkpoint_dir=checkpoint_dir, fingerprint=fingerprint,
                             extra_state=(ema, GeneratorState(gen)), accelerator=acc)

@@ -198,8 +198,10 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, structures: Sequence[str
     structure, and one per entry of ``together`` (``{row name: structures}``, e.g.
     ``{"lung fields": ["lung_field_left", "lung_field_right"]}``: the per-image mean over
     those structures): ``n`` images, the mean difference and its 95% percentile bootstrap
-    interval over images (the k-th row seeded ``seed + k``), and ``a`` and ``b``, the two
-    means on those images. Returns a DataFrame indexed by row name.
+    interval over images (the k-th row seeded ``seed + k``), ``a`` and ``b``, the two
+    means on those images, and the ``verdict`` read from the interval: ``"A better"``
+    (above zero), ``"A worse"`` (below zero), ``"not distinguishable"`` (contains zero)
+    or ``"n/a"`` (no image scored by both). Returns a DataFrame indexed by row name.
     """
     key = ["image_id", "structure"]
     wanted = list(dict.fromkeys([*structures, *(s for ss in (together or {}).values() for s in ss)]))
@@ -215,7 +217,9 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, structures: Sequence[str
     rows = []
     for k, (name, g) in enumerate(groups):
         est, lo, hi = bootstrap_ci(g["diff"].to_numpy(), n_boot=n_boot, seed=seed + k)
+        verdict = ("n/a" if not len(g) else "A better" if lo > 0 else "A worse" if hi < 0
+                   else "not distinguishable")
         rows.append({"structure": name, "n": len(g), "a": g[f"{metric}_a"].mean() if len(g) else np.nan,
                      "b": g[f"{metric}_b"].mean() if len(g) else np.nan, "difference": est,
-                     "difference_lo": lo, "difference_hi": hi})
+                     "difference_lo": lo, "difference_hi": hi, "verdict": verdict})
     return pd.DataFrame(rows).set_index("structure")
