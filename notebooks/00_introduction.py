@@ -36,9 +36,10 @@
 # | 2 Token codec | the projected masks | a VQ-VAE codebook; box/mask to tokens and back; the round-trip ceiling |
 # | 3 VLM fine-tuning | DRRs, masks, codec | a PaliGemma checkpoint that writes anatomy as tokens; its scores |
 # | 4 U-Net baseline | the same DRRs, masks and splits | a U-Net checkpoint; one table comparing baseline, VLM and U-Net |
+# | 5 Shift | held-out images, both models, the CT manifest | Dice against the magnitude of each geometric and appearance shift; the paired difference of the models' drops (C2) |
 #
-# Chapters on shift and real-radiograph evaluation, few-shot adaptation and the
-# ablations follow. Every chapter is a notebook executed by
+# Chapters on real-radiograph evaluation, few-shot adaptation and the ablations
+# follow. Every chapter is a notebook executed by
 # [papermill](https://papermill.readthedocs.io) with a *profile*, writing its
 # artifacts, its parameters and a provenance record (versions, device, git
 # revision, input hashes, wall time) into a run directory. A chapter whose

@@ -13,6 +13,11 @@ Physics, in the order it happens:
 5. Contrast curve: a window ``[lo, hi]`` on ``p`` (fixed, or percentiles of
    the image's own values, as a real detector's auto-processing does) mapped
    to [0, 1] and shaped by a gamma, so bone is white and air black.
+
+A collimator shutter (``exposed``: which pixels the beam reaches) leaves the
+rest of the detector without photons: those pixels show white (no transmitted
+beam, like the densest bone), and the window is taken from the exposed pixels
+only, as a real detector's processing finds the collimation edges first.
 """
 
 from __future__ import annotations
@@ -85,26 +90,41 @@ class DetectorModel:
             p = out.reshape(p.shape)
         return p.cpu().numpy() if to_numpy else p
 
-    def display(self, p):
+    def display(self, p, exposed=None):
         """Contrast curve: ``float32`` in [0, 1], white = dense; ``[..., H, W]`` array or
-        tensor, each image windowed on its own."""
+        tensor, each image windowed on its own.
+
+        ``exposed``: ``bool [H, W]`` (array or tensor), the pixels the collimator lets the
+        beam reach (None: all). The window's percentiles come from those pixels; the
+        others are 1 (white: no beam arrives there).
+        """
         p, to_numpy = _as_tensor(p)
         flat = p.reshape(-1, p.shape[-2] * p.shape[-1]) if p.ndim >= 2 else p.reshape(1, -1)
+        keep = None
+        if exposed is not None:
+            keep = torch.as_tensor(np.asarray(exposed) if not isinstance(exposed, torch.Tensor) else exposed,
+                                   device=p.device).reshape(-1).bool()
+            if keep.numel() != flat.shape[1] or not bool(keep.any()):
+                raise ValueError(f"exposed must be a non-empty bool mask of {tuple(p.shape[-2:])} pixels")
         if self.window is not None:
             lo = torch.full((len(flat), 1), float(self.window[0]), device=p.device)
             hi = torch.full((len(flat), 1), float(self.window[1]), device=p.device)
         else:
             q = torch.tensor([self.window_low_pct / 100, self.window_high_pct / 100], device=p.device)
-            lo, hi = torch.quantile(flat, q, dim=1, keepdim=True)  # NumPy's "linear" percentiles
+            lo, hi = torch.quantile(flat if keep is None else flat[:, keep], q, dim=1, keepdim=True)  # NumPy's "linear"
         flat_ok = hi > lo  # a flat image (nothing in the beam) is black
         y = ((flat - lo) / torch.where(flat_ok, hi - lo, torch.ones_like(hi))).clamp_(0.0, 1.0) ** self.gamma
-        y = torch.where(flat_ok, y, torch.zeros_like(y)).reshape(p.shape).float()
+        y = torch.where(flat_ok, y, torch.zeros_like(y))
+        if keep is not None:
+            y[:, ~keep] = 1.0
+        y = y.reshape(p.shape).float()
         return y.cpu().numpy() if to_numpy else y
 
-    def __call__(self, line_integral, noise_seed=None):
+    def __call__(self, line_integral, noise_seed=None, exposed=None):
         """Radiograph ``float32`` in [0, 1] (shape, kind and device of ``line_integral``,
-        e.g. ``[H, W]`` or ``[B, H, W]``); ``noise_seed`` as in :meth:`attenuation`."""
-        return self.display(self.attenuation(line_integral, noise_seed))
+        e.g. ``[H, W]`` or ``[B, H, W]``); ``noise_seed`` as in :meth:`attenuation`,
+        ``exposed`` as in :meth:`display`."""
+        return self.display(self.attenuation(line_integral, noise_seed), exposed)
 
 
 def _as_tensor(x) -> tuple[torch.Tensor, bool]:

@@ -13,7 +13,7 @@ derived structure such as ``lung_left``), anti-aliased when
 the voxel staircase of the labels becomes a smooth outline). Per image and
 structure two flags are stored: *absent* (the mask is empty) and *truncated* (the structure is cut by
 the CT volume's edge where that edge bounds the projection, or its mask touches
-the image border), so scores can leave out partial targets.
+the image border or the collimator's edge), so scores can leave out partial targets.
 """
 
 from __future__ import annotations
@@ -45,6 +45,7 @@ class RenderSettings:
     mask_smoothing_mm: float = 0.0  # anti-aliasing: Gaussian sigma (mm at the isocentre) of a blur-and-rethreshold of each mask
     centre_on: str | None = None  # structure whose 3D box centre is the isocentre in the nominal pose (None: the CT's centre)
     centre_offset_mm: tuple[float, float, float] = (0.0, 0.0, 0.0)  # isocentre moved by this (x right, y anterior, z superior; mm)
+    collimation: float = 0.0  # fraction of the field's side the collimator closes, half at each edge (0: open)
     mu_water: float = MU_WATER_PER_MM  # attenuation of water (1/mm)
     detector: DetectorModel = field(default_factory=DetectorModel)  # intensity, noise, contrast
 
@@ -58,10 +59,18 @@ class RenderSettings:
             raise ValueError(f"mask_threshold_mm must be >= 0, got {self.mask_threshold_mm}")
         if not self.mask_smoothing_mm >= 0:
             raise ValueError(f"mask_smoothing_mm must be >= 0, got {self.mask_smoothing_mm}")
+        if not 0 <= self.collimation < 1:
+            raise ValueError(f"collimation must lie in [0, 1), got {self.collimation}")
 
     @property
     def pixel_spacing_mm(self) -> float:
         return self.field_mm / self.image_size
+
+    def exposed_window(self) -> tuple[int, int]:
+        """``(first, end)``: the rows (and columns) ``first:end`` the collimator leaves open."""
+        n = int(self.image_size)
+        first = min(int(round(n * self.collimation / 2)), (n - 1) // 2)
+        return first, n - first
 
     def detector_geometry(self) -> Detector:
         return Detector.square(self.image_size, self.field_mm, self.sid_mm)
@@ -135,6 +144,13 @@ def structures_present(label_ids: Sequence[int]) -> list[str]:
     return out
 
 
+def cut_by_ct(volume: WorkingVolume, view: str, pose: PatientPose, groups: Sequence[LabelGroup]) -> np.ndarray:
+    """``bool [S]``: which structures (``groups``) the CT volume's own edge cuts in this view and
+    pose, so that their projected masks are incomplete whatever the detector sees."""
+    cut = volume.truncating_labels(view, pose)
+    return np.array([bool(cut[g.include].any()) if g.include else False for g in groups], dtype=bool)
+
+
 def render_view(volume: WorkingVolume, view: str, pose: PatientPose, settings: RenderSettings,
                 groups: list[list[int]], noise_seed: int | None = None,
                 marcher=None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
@@ -184,20 +200,25 @@ def render_views(volume: WorkingVolume, views: Sequence[str], poses: Sequence[Pa
         line, path = torch.cat([o[0] for o in out]), torch.cat([o[1] for o in out])
     else:
         line, path = marcher.project_images(*grids.transpose(1, 0, 2), n, n)
-    images = settings.detector(line.view(b, n, n), noise_seeds)
+    lo, hi = settings.exposed_window()
+    exposed = None
+    if settings.collimation > 0:
+        exposed = torch.zeros(n, n, dtype=torch.bool, device=line.device)
+        exposed[lo:hi, lo:hi] = True
+    images = settings.detector(line.view(b, n, n), noise_seeds, exposed=exposed)
 
     masks = masks_from_path_lengths(path, groups, settings.mask_threshold_mm).reshape(b, len(groups), n, n)
     if settings.mask_smoothing_mm > 0:
         sigmas = [settings.mask_smoothing_mm * magnification(det, p) / settings.pixel_spacing_mm for p in poses]
         masks = torch.stack([smooth_masks(masks[k], s) for k, s in enumerate(sigmas)])
+    if exposed is not None:  # what the beam does not reach is not seen
+        masks = masks & exposed
     absent = ~masks.flatten(2).any(dim=2)
-    border = masks[:, :, 0, :].any(2) | masks[:, :, -1, :].any(2) | masks[:, :, :, 0].any(2) | masks[:, :, :, -1].any(2)
+    border = (masks[:, :, lo, :].any(2) | masks[:, :, hi - 1, :].any(2) | masks[:, :, :, lo].any(2)
+              | masks[:, :, :, hi - 1].any(2))
     absent, border = absent.cpu().numpy(), border.cpu().numpy()
-    truncated = np.zeros((b, len(groups)), dtype=bool)
-    for k, (view, pose) in enumerate(zip(views, poses)):
-        cut_labels = volume.truncating_labels(view, pose)
-        truncated[k] = np.array([bool(cut_labels[g.include].any()) if g.include else False for g in groups]) | border[k]
-    truncated &= ~absent
+    truncated = np.array([cut_by_ct(volume, v, p, groups) for v, p in zip(views, poses)]).reshape(b, len(groups))
+    truncated = (truncated | border) & ~absent
     if to_numpy:
         images, masks = images.cpu().numpy(), masks.cpu().numpy()
     return images, masks, absent, truncated
@@ -510,25 +531,43 @@ class CaseRenderer:
         return self.volume
 
     def render(self, row: Any, image_size: int, structures: Sequence[str] | None = None,
-               threads: int | None = 1) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
+               threads: int | None = 1,
+               settings: RenderSettings | None = None) -> tuple[np.ndarray, np.ndarray, np.ndarray, np.ndarray]:
         """Render one dataset row again: ``(image, masks, absent, truncated)``.
 
         ``row``: a row of ``index.csv`` (dict or pandas Series) of this case;
         ``image_size``: pixels per side, the detector field kept, so masks at 896 px
         cover what 256 px masks cover; ``structures``: channel order (the
         dataset's ``structures``; None: all present in the case); ``threads``:
-        torch threads while rendering (None: leave as is). At the dataset's own
-        size the outputs equal the stored ones. Shapes as in :func:`render_view`.
+        torch threads while rendering (None: leave as is); ``settings``: other
+        acquisition settings (detector, field, collimation; :mod:`~chexanatomy_lib.ct.shift`)
+        with the same working volume (spacing and centring) as the renderer's, None:
+        the renderer's. At the dataset's own size and settings the outputs equal the
+        stored ones. Shapes as in :func:`render_view`.
         """
         from .projector import torch_threads
 
         row = dict(row)
         if self.case_id != str(row["case_id"]):
             raise ValueError(f"row belongs to case {row['case_id']!r}, got case {self.case_id!r}")
-        settings = replace(self.settings, image_size=int(image_size))
+        if settings is not None:
+            volume_keys = ("working_spacing_mm", "centre_on", "mu_water")
+            changed = [k for k in volume_keys if getattr(settings, k) != getattr(self.settings, k)]
+            if changed:
+                raise ValueError(f"settings change the working volume ({', '.join(changed)}); "
+                                 "make a CaseRenderer with those settings instead")
+        settings = replace(settings or self.settings, image_size=int(image_size))
         pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
         names = list(structures) if structures is not None else structures_present(self.source.label_ids)
         with torch_threads(threads):
             volume = self._volume_of(CopySpec.from_row(row))
             return render_view(volume, str(row["view"]), pose, settings, label_groups(names, self.source.label_ids),
                                int(row["noise_seed"]))
+
+    def cut_by_ct(self, row: Any, structures: Sequence[str]) -> np.ndarray:
+        """``bool [S]``: the structures whose reference masks the CT volume's edge cuts in this
+        row's view and pose (:func:`cut_by_ct`), unlike cuts by the detector's field."""
+        row = dict(row)
+        pose = PatientPose(**{k: float(row[k]) for k in POSE_COLUMNS})
+        volume = self._volume_of(CopySpec.from_row(row))
+        return cut_by_ct(volume, str(row["view"]), pose, label_groups(list(structures), self.source.label_ids))

@@ -36,6 +36,8 @@ from .metrics import (
 from .predictions import Predictions, PredictionsError
 
 METRICS = ("dice", "iou", "hd95", "box_iou", "box_acc@0.5", "box_acc@0.75")
+#: Columns of a per-image score table (:func:`score_images`, :func:`evaluate_predictions`).
+SCORE_COLUMNS = ("image_id", "view", "structure", "tp", "fp", "fn", *METRICS, "valid", "absent")
 
 
 def evaluate_predictions(
@@ -89,40 +91,58 @@ def evaluate_predictions(
     frames = []
     for i in targets:
         r = row_of[ids[i]]
-        ref = dataset.masks_for([i], names)[0]  # [S, H, W]
-        valid = pred.valid[r, pch]
-        pm = pred.masks[r, pch] & valid[:, None, None]
-        tp = np.count_nonzero(pm & ref, axis=(1, 2))
-        fp = np.count_nonzero(pm & ~ref, axis=(1, 2))
-        fn = np.count_nonzero(~pm & ref, axis=(1, 2))
-        absent = dataset.absent[i, dch]
-        truncated = dataset.truncated[i, dch]
         keep = np.ones(len(names), bool)
         if not include_absent:
-            keep &= ~absent
+            keep &= ~dataset.absent[i, dch]
         if exclude_truncated:
-            keep &= ~truncated
-        d = dice_from_counts(tp, fp, fn, empty_value=1.0)
-        j = iou_from_counts(tp, fp, fn, empty_value=1.0)
-        gt_box = masks_to_boxes(ref)
-        pb = np.where(valid[:, None], pred.boxes[r, pch].astype(np.float64), np.nan)
-        biou = np.where(absent, np.nan, box_iou(pb, gt_box))
-        hd = np.full(len(names), np.nan)
-        sel = np.flatnonzero(keep & hd_cols & ~absent)
-        if sel.size:
-            hd[sel] = hd95(pm[sel], ref[sel], spacing=spacing_mm)
-        frame = pd.DataFrame({
-            "image_id": ids[i], "view": views[i], "structure": names,
-            "tp": tp, "fp": fp, "fn": fn, "dice": d, "iou": j, "hd95": hd, "box_iou": biou,
-            "box_acc@0.5": np.where(absent, np.nan, biou >= 0.5),
-            "box_acc@0.75": np.where(absent, np.nan, biou >= 0.75),
-            "valid": valid, "absent": absent,
-        })
-        frames.append(frame[keep])
-    per_image = (pd.concat(frames, ignore_index=True) if frames else
-                 pd.DataFrame(columns=["image_id", "view", "structure", "tp", "fp", "fn", *METRICS,
-                                       "valid", "absent"]))
+            keep &= ~dataset.truncated[i, dch]
+        frames.append(score_images(pred.masks[r, pch][None], pred.boxes[r, pch][None], pred.valid[r, pch][None],
+                                   dataset.masks_for([i], names), names, [ids[i]], [views[i]], keep[None],
+                                   dataset.absent[i, dch][None], hd_cols, spacing_mm))
+    per_image = pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCORE_COLUMNS))
     return per_image, summarize(per_image, "structure", METRICS, n_boot=n_boot, seed=seed, groups=names)
+
+
+def score_images(masks: np.ndarray, boxes: np.ndarray, valid: np.ndarray, ref: np.ndarray, structures: Sequence[str],
+                 image_ids: Sequence[str], views: Sequence[str], keep: np.ndarray, absent: np.ndarray,
+                 hd95_columns: np.ndarray | None = None, spacing_mm: float | None = None) -> pd.DataFrame:
+    """Per (image, structure) scores of predicted masks and boxes against reference masks.
+
+    masks: bool [N, S, H, W] predicted; boxes: float [N, S, 4] normalised ``(ymin, xmin,
+    ymax, xmax)``, NaN when none; valid: bool [N, S] (an invalid output scores as an
+    empty mask and no box); ref: bool [N, S, H, W]; ``structures`` [S], ``image_ids`` and
+    ``views`` [N] name them; keep: bool [N, S], the pairs to score; absent: bool [N, S],
+    the reference is empty (Dice and IoU 1 for an empty prediction, else 0; box metrics
+    NaN); hd95_columns: bool [S], structures to compute HD95 for (None: all), in pixels
+    unless ``spacing_mm``. Returns one row per kept pair, columns :data:`SCORE_COLUMNS`. The scoring of
+    :func:`evaluate_predictions` and of the shift sets (:mod:`~chexanatomy_lib.evaluation.shift`).
+    """
+    names = list(structures)
+    hd_cols = np.ones(len(names), bool) if hd95_columns is None else np.asarray(hd95_columns, bool)
+    frames = []
+    for k in range(len(image_ids)):
+        ok = np.asarray(valid[k], bool)
+        pm = np.asarray(masks[k], bool) & ok[:, None, None]
+        rm = np.asarray(ref[k], bool)
+        gone = np.asarray(absent[k], bool)
+        tp = np.count_nonzero(pm & rm, axis=(1, 2))
+        fp = np.count_nonzero(pm & ~rm, axis=(1, 2))
+        fn = np.count_nonzero(~pm & rm, axis=(1, 2))
+        pb = np.where(ok[:, None], np.asarray(boxes[k], np.float64), np.nan)
+        biou = np.where(gone, np.nan, box_iou(pb, masks_to_boxes(rm)))
+        hd = np.full(len(names), np.nan)
+        sel = np.flatnonzero(np.asarray(keep[k], bool) & hd_cols & ~gone)
+        if sel.size:
+            hd[sel] = hd95(pm[sel], rm[sel], spacing=spacing_mm)
+        frame = pd.DataFrame({
+            "image_id": image_ids[k], "view": views[k], "structure": names,
+            "tp": tp, "fp": fp, "fn": fn, "dice": dice_from_counts(tp, fp, fn, empty_value=1.0),
+            "iou": iou_from_counts(tp, fp, fn, empty_value=1.0), "hd95": hd, "box_iou": biou,
+            "box_acc@0.5": np.where(gone, np.nan, biou >= 0.5), "box_acc@0.75": np.where(gone, np.nan, biou >= 0.75),
+            "valid": ok, "absent": gone,
+        })
+        frames.append(frame[np.asarray(keep[k], bool)])
+    return pd.concat(frames, ignore_index=True) if frames else pd.DataFrame(columns=list(SCORE_COLUMNS))
 
 
 def score_masks(pred: np.ndarray, ref: np.ndarray, table: pd.DataFrame | None = None) -> pd.DataFrame:
@@ -205,7 +225,8 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, structures: Sequence[str
     """
     key = ["image_id", "structure"]
     wanted = list(dict.fromkeys([*structures, *(s for ss in (together or {}).values() for s in ss)]))
-    both = a.set_index(key)[[metric]].join(b.set_index(key)[[metric]], how="inner", lsuffix="_a", rsuffix="_b")
+    both = a.set_index(key)[[metric]].merge(b.set_index(key)[[metric]], how="inner", left_index=True,
+                                            right_index=True, suffixes=("_a", "_b"))
     both = both.dropna().reset_index()
     both = both[both["structure"].isin(wanted)]
     both["diff"] = both[f"{metric}_a"] - both[f"{metric}_b"]

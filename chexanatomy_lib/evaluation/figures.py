@@ -9,7 +9,10 @@
 * :func:`plot_reconstructions`: one structure per panel, zoomed, the reference filled and
   each route's mask outlined (the codec's round trips);
 * :func:`plot_distributions`, :func:`plot_mean_masks`: several sets of masks (real and
-  projected) side by side, as overlaid histograms of a statistic and as mean masks.
+  projected) side by side, as overlaid histograms of a statistic and as mean masks;
+* :func:`plot_curves`: a metric against a swept quantity (a shift's magnitude), small
+  multiples with 95% bands, one line per model;
+* :func:`plot_differences`: paired differences with their intervals and verdicts.
 
 Figures are returned, not shown.
 """
@@ -119,13 +122,13 @@ def plot_summary(summaries: dict[str, pd.DataFrame], metric: str = "dice", struc
 
 
 def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, np.ndarray], names: Sequence[str],
-                  titles: Sequence[str] | None = None):
+                  titles: Sequence[str] | None = None, columns: int | None = None):
     """Radiographs with each structure's reference outline and every model's mask.
 
     images: float [n, H, W] in [0, 1]; truth: bool [n, S, H, W]; predictions: ``{model
     name: bool [n, S, H, W]}`` (the first is drawn filled, the others as dotted, dashed,
     ... outlines); names: one legend label per structure (its colour in :data:`PALETTE`);
-    titles: one per image. Returns the figure.
+    titles: one per image; columns: images per row (None: all in one row). Returns the figure.
     """
     import matplotlib.pyplot as plt
     from matplotlib.lines import Line2D
@@ -133,8 +136,12 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, 
 
     n = len(images)
     models = list(predictions)
-    fig, axes = plt.subplots(1, n, figsize=(3.1 * n, 3.6), squeeze=False)
-    for k, ax in enumerate(axes[0]):
+    ncol = max(1, min(n, columns or n))
+    nrow = -(-n // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.1 * ncol, 3.3 * nrow + 0.3), squeeze=False)
+    for ax in axes.reshape(-1)[n:]:
+        ax.set_axis_off()
+    for k, ax in enumerate(axes.reshape(-1)[:n]):
         ax.imshow(images[k], cmap="gray", vmin=0, vmax=1)
         for s in range(truth.shape[1]):
             c = colour(s)
@@ -158,8 +165,87 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, 
         handles.append(Patch(color="k", alpha=0.35, label=model) if j == 0 else
                        Line2D([], [], color="k", ls=_LINESTYLES[(j - 1) % len(_LINESTYLES)], label=model))
     fig.legend(handles=handles, loc="lower center", ncol=min(len(handles), 6), fontsize=7, frameon=False)
-    fig.tight_layout(rect=(0, 0.1, 1, 1))
+    fig.tight_layout(rect=(0, 0.1 / nrow, 1, 1))
     return fig
+
+
+def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str = "dice",
+                xlabels: dict[str, str] | None = None, columns: int = 4, ylim: tuple[float, float] | None = (0, 1.02),
+                reference: float | None = None):
+    """Small multiples of a metric against a swept quantity, one line per model, with 95% bands.
+
+    curves: a table (index or columns) with ``panel``, ``x``, ``line``, ``metric`` and, for
+    the bands, ``<metric>_lo`` / ``<metric>_hi`` (from :func:`~chexanatomy_lib.evaluation.evaluate.summarize`),
+    e.g. Dice per (model, shift axis, magnitude). One panel per value of ``panel`` (in order
+    of appearance), titled with ``xlabels[value]`` as its x label when given; ``reference``
+    draws a horizontal line (1 for a ratio). Lines keep their colour in every panel; a
+    panel whose first ``x`` (in the table's order) is not its smallest runs from high to low.
+    Returns the figure.
+    """
+    import matplotlib.pyplot as plt
+
+    t = curves.reset_index()
+    panels = list(dict.fromkeys(t[panel]))
+    lines = list(dict.fromkeys(t[line]))
+    ncol = max(1, min(columns, len(panels)))
+    nrow = -(-len(panels) // ncol)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(3.3 * ncol, 2.6 * nrow + 0.4), squeeze=False)
+    for ax in axes.reshape(-1)[len(panels):]:
+        ax.set_axis_off()
+    for ax, p in zip(axes.reshape(-1), panels):
+        given = t.loc[t[panel] == p, x].to_numpy(dtype=float)
+        if len(given) > 1 and given[0] > given.min():  # a sweep given from high to low reads left to right
+            ax.invert_xaxis()
+        for k, name in enumerate(lines):
+            g = t[(t[panel] == p) & (t[line] == name)].sort_values(x)
+            if not len(g):
+                continue
+            c = _ROUTE_COLOURS[k % len(_ROUTE_COLOURS)]
+            xs = g[x].to_numpy(dtype=float)
+            ax.plot(xs, g[metric].to_numpy(dtype=float), "o-", color=c, ms=3, lw=1.3, label=name)
+            if f"{metric}_lo" in g:
+                ax.fill_between(xs, g[f"{metric}_lo"].to_numpy(dtype=float), g[f"{metric}_hi"].to_numpy(dtype=float),
+                                color=c, alpha=0.18, lw=0)
+        if reference is not None:
+            ax.axhline(reference, color="0.5", lw=0.8, ls=":")
+        ax.set_title(str(p).replace("_", " "), fontsize=9)
+        ax.set_xlabel((xlabels or {}).get(p, x), fontsize=8)
+        ax.tick_params(labelsize=7)
+        if ylim is not None:
+            ax.set_ylim(*ylim)
+    for row in axes:
+        row[0].set_ylabel(metric, fontsize=8)
+    handles, labels = axes.reshape(-1)[0].get_legend_handles_labels()
+    fig.legend(handles, labels, loc="lower center", ncol=len(lines), fontsize=8, frameon=False)
+    fig.tight_layout(rect=(0, 0.06 / nrow, 1, 1))
+    return fig
+
+
+def plot_differences(table: pd.DataFrame, title: str | None = None, ax=None,
+                     label: str = "difference (A − B, 95% CI)"):
+    """Paired differences as a forest plot: one row per entry of ``table`` (from
+    :func:`~chexanatomy_lib.evaluation.evaluate.paired_difference`; its index, joined
+    with " · " when it has several levels, names the row), the estimate with its 95%
+    interval, coloured by ``verdict``, and the zero line. Returns the Axes."""
+    import matplotlib.pyplot as plt
+
+    names = [" · ".join(f"{v:g}" if isinstance(v, float) else str(v) for v in (k if isinstance(k, tuple) else (k,)))
+             for k in table.index]
+    if ax is None:
+        _, ax = plt.subplots(figsize=(6.5, 0.32 * len(table) + 1.0))
+    y = np.arange(len(table))[::-1]
+    colours = {"A better": "tab:green", "A worse": "tab:red"}
+    for yy, (_, r) in zip(y, table.iterrows()):
+        c = colours.get(r.get("verdict"), "0.35")
+        ax.plot([r["difference_lo"], r["difference_hi"]], [yy, yy], color=c, lw=2)
+        ax.plot([r["difference"]], [yy], "o", color=c, ms=4)
+    ax.axvline(0, color="k", lw=0.8)
+    ax.set_yticks(y)
+    ax.set_yticklabels(names, fontsize=8)
+    ax.set_xlabel(label, fontsize=8)
+    if title:
+        ax.set_title(title, fontsize=9)
+    return ax
 
 
 def plot_reconstructions(image: np.ndarray, originals: np.ndarray, reconstructions: dict[str, np.ndarray],
@@ -237,4 +323,5 @@ def plot_mean_masks(sets: dict[str, np.ndarray], axes=None):
         ax.set_title(f"{name}\nmean of {len(masks)} masks", fontsize=8)
         ax.set_axis_off()
     return axes
+
 

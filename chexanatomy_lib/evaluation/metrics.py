@@ -226,3 +226,30 @@ def bootstrap_table(values: np.ndarray, n_boot: int = 1000, seed: int = 0, alpha
     lo = np.where(single, mean, lo)
     hi = np.where(single, mean, hi)
     return mean, lo, hi
+
+
+def bootstrap_ratio(num: np.ndarray | Sequence[float], den: np.ndarray | Sequence[float], n_boot: int = 1000,
+                    seed: int = 0, alpha: float = 0.05) -> tuple[float, float, float]:
+    """Ratio of means ``mean(num) / mean(den)`` with a percentile bootstrap over paired items.
+
+    num, den: float [n], item ``k`` of both resampled together (a pair with a NaN is
+    dropped first). Returns ``(estimate, low, high)``; all NaN when no pair is left or
+    the mean of ``den`` is 0. Seeded like :func:`bootstrap_ci`.
+    """
+    a = np.asarray(num, dtype=np.float64).reshape(-1)
+    b = np.asarray(den, dtype=np.float64).reshape(-1)
+    if a.shape != b.shape:
+        raise ValueError(f"num and den must pair up, got {a.shape} and {b.shape}")
+    ok = ~(np.isnan(a) | np.isnan(b))
+    a, b = a[ok], b[ok]
+    if a.size == 0 or b.mean() == 0:
+        return (np.nan, np.nan, np.nan)
+    est = float(a.mean() / b.mean())
+    if a.size == 1:
+        return (est, est, est)
+    idx = np.random.default_rng(seed).integers(0, a.size, size=(int(n_boot), a.size))
+    with np.errstate(invalid="ignore", divide="ignore"):
+        boots = a[idx].mean(1) / b[idx].mean(1)
+    boots = boots[np.isfinite(boots)]
+    lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
+    return (est, float(lo), float(hi))
