@@ -46,7 +46,8 @@ class Stage:
         return self.notebook_path or NOTEBOOK_DIR / f"{self.name}.py"
 
 
-_CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline", "05_shift")
+_CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline", "05_shift",
+             "06_real_radiographs")
 
 #: Stages in execution order (every stage after its upstream stages).
 STAGES: dict[str, Stage] = {
@@ -73,6 +74,9 @@ STAGES: dict[str, Stage] = {
         Stage("05_shift", "Robustness under shift", ("01_ct_projection", "03_vlm_finetune", "04_unet_baseline"),
               ("ct", "codec", "evaluation", "vlm", "unet", "augment.py", "checkpoints.py", "devices.py", "radiograph.py"),
               180),
+        Stage("06_real_radiographs", "Real radiographs", ("01_ct_projection", "03_vlm_finetune", "04_unet_baseline"),
+              ("ct", "codec", "evaluation", "real", "vlm", "unet", "augment.py", "checkpoints.py", "devices.py",
+               "radiograph.py"), 90),
         # The introduction reports every chapter's measured time, so it runs last.
         Stage("00_introduction", "Introduction", _CHAPTERS, ("pipeline.py", "records.py"), None),
     )

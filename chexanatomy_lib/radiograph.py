@@ -12,7 +12,8 @@ bright, air dark), from:
   transform, as the standard requires).
 
 `letterbox` pads a non-square image to a square and resizes it; `Letterbox`
-maps masks and boxes predicted on the square back to the original pixels.
+maps masks and boxes predicted on the square back to the original pixels, and
+an original image's masks onto the square (a real set's annotations).
 """
 
 from __future__ import annotations
@@ -22,7 +23,7 @@ from pathlib import Path
 
 import numpy as np
 
-__all__ = ["RadiographError", "read_radiograph", "Letterbox", "letterbox"]
+__all__ = ["RadiographError", "read_radiograph", "Letterbox", "letterbox", "letterbox_geometry"]
 
 
 class RadiographError(ValueError):
@@ -209,6 +210,33 @@ class Letterbox:
         up = F.interpolate(t, size=(self.height, self.width), mode="bilinear", align_corners=False)
         return (up[:, 0] >= 0.5).numpy().reshape(*lead, self.height, self.width)
 
+    def mask_to_square(self, mask: np.ndarray) -> np.ndarray:
+        """A mask of the original image -> bool [..., size, size], placed as the image is.
+
+        ``mask``: [..., h, w], any value > 0 inside, covering the original image's field: its
+        shape, or its aspect at another resolution (JSRT's 1024 x 1024 SCR masks of 2048 x
+        2048 films). Resampled onto the inner box by the area rule (a pixel is set where at
+        least half of its footprint is, :func:`~chexanatomy_lib.codec.geometry.resample_masks`);
+        the padding is False. At ``size == max(height, width)`` the mask is only padded.
+        """
+        from .codec.geometry import resample_masks
+
+        m = np.asarray(mask) > 0
+        h, w = m.shape[-2:]
+        if h * self.width != w * self.height:
+            raise ValueError(f"mask shape {m.shape[-2:]} does not have the aspect of the "
+                             f"{self.height} x {self.width} image")
+        out = np.zeros((*m.shape[:-2], self.size, self.size), bool)
+        out[..., self.pad_y:self.pad_y + self.inner_h, self.pad_x:self.pad_x + self.inner_w] = resample_masks(
+            m, (self.inner_h, self.inner_w), "area")
+        return out
+
+    def content_mask(self) -> np.ndarray:
+        """bool [size, size]: the pixels of the square that show the image (not padding)."""
+        out = np.zeros((self.size, self.size), bool)
+        out[self.pad_y:self.pad_y + self.inner_h, self.pad_x:self.pad_x + self.inner_w] = True
+        return out
+
     def box_to_original(self, box: np.ndarray | None) -> np.ndarray | None:
         """Normalised box float [4] (ymin, xmin, ymax, xmax) on the square -> normalised on the original."""
         if box is None:
@@ -230,12 +258,18 @@ def letterbox(image: np.ndarray, size: int) -> tuple[np.ndarray, Letterbox]:
     img = np.asarray(image, dtype=np.float32)
     if img.ndim != 2:
         raise ValueError(f"image must be [H, W], got shape {img.shape}")
-    h, w = img.shape
-    scale = size / max(h, w)
-    ih, iw = max(1, round(h * scale)), max(1, round(w * scale))
+    lb = letterbox_geometry(*img.shape, size)
     t = torch.from_numpy(np.ascontiguousarray(img))[None, None]
-    resized = F.interpolate(t, size=(ih, iw), mode="bilinear", align_corners=False, antialias=True)[0, 0]
+    resized = F.interpolate(t, size=(lb.inner_h, lb.inner_w), mode="bilinear", align_corners=False,
+                            antialias=True)[0, 0]
     out = np.zeros((size, size), np.float32)
-    py, px = (size - ih) // 2, (size - iw) // 2
-    out[py:py + ih, px:px + iw] = np.clip(resized.numpy(), 0.0, 1.0)
-    return out, Letterbox(h, w, size, ih, iw, py, px)
+    out[lb.pad_y:lb.pad_y + lb.inner_h, lb.pad_x:lb.pad_x + lb.inner_w] = np.clip(resized.numpy(), 0.0, 1.0)
+    return out, lb
+
+
+def letterbox_geometry(height: int, width: int, size: int) -> Letterbox:
+    """The :class:`Letterbox` :func:`letterbox` makes for a [height, width] image (no pixels read):
+    scaled by ``size / max(height, width)``, centred."""
+    scale = size / max(height, width)
+    ih, iw = max(1, round(height * scale)), max(1, round(width * scale))
+    return Letterbox(int(height), int(width), int(size), ih, iw, (size - ih) // 2, (size - iw) // 2)

@@ -37,9 +37,9 @@
 # | 3 VLM fine-tuning | DRRs, masks, codec | a PaliGemma checkpoint that writes anatomy as tokens; its scores |
 # | 4 U-Net baseline | the same DRRs, masks and splits | a U-Net checkpoint; one table comparing baseline, VLM and U-Net |
 # | 5 Shift | held-out images, both models, the CT manifest | Dice against the magnitude of each geometric and appearance shift; the paired difference of the models' drops (C2) |
+# | 6 Real radiographs | real annotations (and any real set a user brings), both models | the shape and intensity gap between DRRs and real films, the cardiothoracic ratio from masks, both models scored on real films (R1, R2) |
 #
-# Chapters on real-radiograph evaluation, few-shot adaptation and the ablations
-# follow. Every chapter is a notebook executed by
+# Chapters on few-shot adaptation and the ablations follow. Every chapter is a notebook executed by
 # [papermill](https://papermill.readthedocs.io) with a *profile*, writing its
 # artifacts, its parameters and a provenance record (versions, device, git
 # revision, input hashes, wall time) into a run directory. A chapter whose

@@ -23,6 +23,7 @@ FORBIDDEN = {
     "unet": ("vlm", "evaluation"),
     "evaluation": ("vlm", "unet", "training"),
     "real": ("codec", "evaluation", "vlm", "unet", "training"),
+    "radiograph.py": ("ct", "evaluation", "vlm", "unet", "training", "real"),
 }
 
 

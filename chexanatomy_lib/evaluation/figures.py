@@ -12,7 +12,9 @@
   projected) side by side, as overlaid histograms of a statistic and as mean masks;
 * :func:`plot_curves`: a metric against a swept quantity (a shift's magnitude), small
   multiples with 95% bands, one line per model;
-* :func:`plot_differences`: paired differences with their intervals and verdicts.
+* :func:`plot_differences`: paired differences with their intervals and verdicts;
+* :func:`plot_agreement`: a measurement from predictions against the same from the
+  references, per model, with the line of identity (e.g. the cardiothoracic ratio).
 
 Figures are returned, not shown.
 """
@@ -325,3 +327,35 @@ def plot_mean_masks(sets: dict[str, np.ndarray], axes=None):
     return axes
 
 
+
+def plot_agreement(pairs: dict[str, tuple], label: str, threshold: float | None = None, ax=None):
+    """Predicted against reference values of one measurement, a colour per model.
+
+    pairs: ``{model: (reference float [n], predicted float [n])}`` (NaN pairs skipped);
+    threshold: a decision threshold drawn on both axes (e.g. 0.5 for the cardiothoracic
+    ratio). The dotted diagonal is perfect agreement. Returns the Axes.
+    """
+    import matplotlib.pyplot as plt
+
+    if ax is None:
+        _, ax = plt.subplots(figsize=(4.4, 4.2))
+    values = []
+    for k, (model, (ref, pred)) in enumerate(pairs.items()):
+        r, p = np.asarray(ref, float), np.asarray(pred, float)
+        ok = ~(np.isnan(r) | np.isnan(p))
+        ax.scatter(r[ok], p[ok], s=18, alpha=0.8, color=_ROUTE_COLOURS[k % len(_ROUTE_COLOURS)],
+                   label=f"{model} (n={int(ok.sum())})")
+        values += [r[ok], p[ok]]
+    both = np.concatenate(values) if values else np.array([0.0, 1.0])
+    lo, hi = (float(both.min()), float(both.max())) if both.size else (0.0, 1.0)
+    pad = 0.05 * (hi - lo or 1.0)
+    ax.plot([lo - pad, hi + pad], [lo - pad, hi + pad], ":", color="0.4", lw=1)
+    if threshold is not None:
+        ax.axvline(threshold, color="0.7", lw=0.8)
+        ax.axhline(threshold, color="0.7", lw=0.8)
+    ax.set_xlim(lo - pad, hi + pad)
+    ax.set_ylim(lo - pad, hi + pad)
+    ax.set_xlabel(f"{label}, reference masks", fontsize=8)
+    ax.set_ylabel(f"{label}, predicted masks", fontsize=8)
+    ax.legend(fontsize=7)
+    return ax
