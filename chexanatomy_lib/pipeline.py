@@ -47,7 +47,7 @@ class Stage:
 
 
 _CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline", "05_shift",
-             "06_real_radiographs")
+             "06_real_radiographs", "07_few_shot")
 
 #: Stages in execution order (every stage after its upstream stages).
 STAGES: dict[str, Stage] = {
@@ -77,6 +77,10 @@ STAGES: dict[str, Stage] = {
         Stage("06_real_radiographs", "Real radiographs", ("01_ct_projection", "03_vlm_finetune", "04_unet_baseline"),
               ("ct", "codec", "evaluation", "real", "vlm", "unet", "augment.py", "checkpoints.py", "devices.py",
                "radiograph.py"), 90),
+        Stage("07_few_shot", "Few-shot adaptation",
+              ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline"),
+              ("ct", "codec", "evaluation", "fewshot", "vlm", "unet", "training.py", "checkpoints.py", "augment.py",
+               "devices.py", "radiograph.py"), 300),
         # The introduction reports every chapter's measured time, so it runs last.
         Stage("00_introduction", "Introduction", _CHAPTERS, ("pipeline.py", "records.py"), None),
     )

@@ -38,8 +38,9 @@
 # | 4 U-Net baseline | the same DRRs, masks and splits | a U-Net checkpoint; one table comparing baseline, VLM and U-Net |
 # | 5 Shift | held-out images, both models, the CT manifest | Dice against the magnitude of each geometric and appearance shift; the paired difference of the models' drops (C2) |
 # | 6 Real radiographs | real annotations (and any real set a user brings), both models | the shape and intensity gap between DRRs and real films, the cardiothoracic ratio from masks, both models scored on real films (R1, R2) |
+# | 7 Few-shot | novel structures, lesions written into the CT, both models | k-shot curves per start with intervals over draws and images; anatomy-pretrained minus image-level VLM (C3) |
 #
-# Chapters on few-shot adaptation and the ablations follow. Every chapter is a notebook executed by
+# The ablations and the claims chapter follow. Every chapter is a notebook executed by
 # [papermill](https://papermill.readthedocs.io) with a *profile*, writing its
 # artifacts, its parameters and a provenance record (versions, device, git
 # revision, input hashes, wall time) into a run directory. A chapter whose

@@ -24,6 +24,7 @@ FORBIDDEN = {
     "evaluation": ("vlm", "unet", "training"),
     "real": ("codec", "evaluation", "vlm", "unet", "training"),
     "radiograph.py": ("ct", "evaluation", "vlm", "unet", "training", "real"),
+    "fewshot": ("training",),  # adapts through the models' own training code, never a loop of its own
 }
 
 

@@ -273,3 +273,28 @@ def test_unet_never_imports_the_vlm():
             else:
                 continue
             assert not any("vlm" in n.split(".") for n in names), (f, node.lineno)
+
+
+def test_few_shot_run_learns_from_its_rows_only_and_starts_from_a_saved_network(dataset, trained, tmp_path):
+    from chexanatomy_lib.unet.checkpoint import load_model
+
+    rows = dataset.split_indices("train")[:3]
+    names = list(dataset.structures)[:1]
+    config = tiny_config(structures=tuple(names), epochs=2, batch_size=3)
+    start = train_unet(dataset, tmp_path / "k3", config, progress=False, train_indices=rows, validate=False,
+                       init_from=trained)
+    card = json.loads((tmp_path / "k3" / "model_card.json").read_text())
+    assert card["training"]["n_train_images"] == 3 and start.steps_done == 2
+    assert not any("val_loss" in e for e in start.history["epochs"])  # nothing validated
+    # every weight but the output layer started from the saved network
+    source, _ = load_model(trained)
+    fresh = train_unet(dataset, tmp_path / "k3_scratch", config, progress=False, train_indices=rows, validate=False)
+    near = {k: (v - source.state_dict()[k]).abs().max().item() for k, v in _weights(tmp_path / "k3").items()
+            if k in source.state_dict() and source.state_dict()[k].shape == v.shape}
+    far = {k: (v - source.state_dict()[k]).abs().max().item() for k, v in _weights(tmp_path / "k3_scratch").items()
+           if k in near}
+    assert len(near) > 4 and sum(near.values()) < 0.2 * sum(far.values())
+    assert fresh.steps_done == 2
+    with pytest.raises(ValueError, match="not in split 'train'"):
+        train_unet(dataset, tmp_path / "bad", config, progress=False,
+                   train_indices=dataset.split_indices("test")[:1])

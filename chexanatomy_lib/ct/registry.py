@@ -7,6 +7,10 @@ structure by its canonical name (TotalSegmentator spelling, e.g.
 names, synonyms, categories, label ids and display groups (:func:`structure_groups`,
 :func:`group_of`).
 
+Besides anatomy it names the synthetic lesions of :mod:`~chexanatomy_lib.ct.lesions`
+(category ``lesion``, ids of their own task ``lesion``, labelmap values
+``LESION_LABEL_BASE + id``; no ordinary CT holds them).
+
 >>> reg = load_registry()
 >>> reg.resolve("Cardiac silhouette").name
 'heart'
@@ -28,7 +32,13 @@ from .errors import RegistryError, UnknownLabelError, UnknownStructureError
 
 REGISTRY_PATH = Path(__file__).with_name("structures.yaml")
 
-CATEGORIES = ("lung", "heart", "vessel", "airway", "rib", "vertebra", "bone", "organ", "other")
+CATEGORIES = ("lung", "heart", "vessel", "airway", "rib", "vertebra", "bone", "organ", "lesion", "other")
+
+#: Synthetic lesions (category ``lesion``, written into a CT by :mod:`~chexanatomy_lib.ct.lesions`)
+#: have ids of their own task ``lesion``, not TotalSegmentator ids; in a labelmap (or a working
+#: volume's ``label_ids``) lesion ``k`` takes the value ``LESION_LABEL_BASE + k``, above every
+#: ``total`` id, so a CT without lesions never holds one.
+LESION_LABEL_BASE = 1000
 
 #: Display groups of structures (figures and per-group scores), in display order:
 #: group -> (category, name prefix); a structure joins the first group whose
@@ -71,6 +81,16 @@ class Structure:
         """True for a structure defined on the radiograph: the members' projection minus
         the pixels whose rays cross a ``minus`` structure (``lung_field_left``, ...)."""
         return bool(self.minus)
+
+    @property
+    def label_value(self) -> int | None:
+        """Its value in a labelmap: the ``total`` id, or ``LESION_LABEL_BASE`` + the ``lesion``
+        id of a synthetic lesion; None for a structure with neither (derived, other tasks)."""
+        if "total" in self.ids:
+            return int(self.ids["total"])
+        if "lesion" in self.ids:
+            return LESION_LABEL_BASE + int(self.ids["lesion"])
+        return None
 
     def __hash__(self) -> int:
         return hash(self.name)
@@ -115,6 +135,9 @@ class Registry:
                     raise self._fail(f"structure {s.name!r}: unknown task {task!r} (declare it under 'tasks')")
                 if not isinstance(i, int) or isinstance(i, bool) or i <= 0:
                     raise self._fail(f"structure {s.name!r}: id {i!r} for task {task!r} must be a positive integer")
+                if task == "total" and i >= LESION_LABEL_BASE:
+                    raise self._fail(f"structure {s.name!r}: `total` id {i} collides with lesion label values "
+                                     f"(>= {LESION_LABEL_BASE})")
                 if i in self._by_id[task]:
                     raise self._fail(f"task {task!r}: id {i} used by both {self._by_id[task][i]!r} and {s.name!r}")
                 self._by_id[task][i] = s.name

@@ -104,8 +104,9 @@ class LabelGroup(NamedTuple):
 
 def label_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[LabelGroup]:
     """For each structure name, its :class:`LabelGroup`: the compact label indices (into
-    ``label_ids``) of the ``total`` ids of its members, and of its ``minus`` structures,
-    present in the volume (empty when none is present)."""
+    ``label_ids``) of the ``total`` ids of its members (for a synthetic lesion, its label
+    value ``LESION_LABEL_BASE + id``, see :mod:`~chexanatomy_lib.ct.lesions`), and of its
+    ``minus`` structures, present in the volume (empty when none is present)."""
     from .registry import load_registry
 
     reg = load_registry()
@@ -115,7 +116,7 @@ def label_groups(structures: Sequence[str], label_ids: np.ndarray) -> list[Label
         out = set()
         for name in names:
             for leaf in reg.expand(name):
-                tid = reg.get(leaf).ids.get("total")
+                tid = reg.get(leaf).label_value
                 if tid is not None and int(tid) in index:
                     out.add(index[int(tid)])
         return sorted(out)
@@ -130,11 +131,16 @@ def centre_labels(settings: RenderSettings, label_ids: np.ndarray) -> list[int] 
 
 def structures_present(label_ids: Sequence[int]) -> list[str]:
     """Registry structures (not ``excluded``) with a ``total`` id in ``label_ids``, plus the
-    derived structures with at least one member present, in registry order."""
-    from .registry import load_registry
+    derived structures with at least one member present, in registry order. Synthetic
+    lesions are listed only where their label values (``LESION_LABEL_BASE + id``) are in
+    ``label_ids``, never for a CT as it is."""
+    from .registry import LESION_LABEL_BASE, load_registry
 
     reg = load_registry()
-    present = {s.name for s in reg.from_label_ids(sorted({int(i) for i in label_ids if int(i) != 0}))}
+    ids = sorted({int(i) for i in label_ids if int(i) != 0})
+    lesions = reg.label_table("lesion")
+    present = {lesions[i - LESION_LABEL_BASE] for i in ids if i - LESION_LABEL_BASE in lesions}
+    present |= {s.name for s in reg.from_label_ids([i for i in ids if i - LESION_LABEL_BASE not in lesions])}
     out = []
     for s in reg:
         if s.excluded:
@@ -362,12 +368,7 @@ def synthesize_dataset(
         jobs = [j for k, j in enumerate(jobs) if k % shard[1] == shard[0]]
 
     meta = {
-        "pixel_spacing_mm": settings.pixel_spacing_mm,
-        "view_geometry": {"sid_mm": settings.sid_mm, "field_mm": settings.field_mm,
-                          "views": views, "convention": "radiological: PA patient's right on image left; "
-                          "lateral = left lateral, anterior on image left; head up"},
-        "mask_threshold_mm": settings.mask_threshold_mm,
-        "render_settings": settings.as_dict(),
+        **geometry_meta(settings, views),
         "cohort": _cohort_meta(n_copies, poses_per_copy, seed, amplitude_mm, scale_range, control_points,
                                pose_ranges),
         "split_unit": unit,
@@ -408,6 +409,19 @@ def synthesize_dataset(
                 bar.update(len(part))
         bar.close()
     return Path(out_path)
+
+
+def geometry_meta(settings: RenderSettings, views: Sequence[str]) -> dict[str, Any]:
+    """The part of a projected dataset's ``meta`` that says how its images were rendered:
+    pixel spacing, view geometry and its display convention, mask threshold, render settings."""
+    return {
+        "pixel_spacing_mm": settings.pixel_spacing_mm,
+        "view_geometry": {"sid_mm": settings.sid_mm, "field_mm": settings.field_mm,
+                          "views": list(views), "convention": "radiological: PA patient's right on image left; "
+                          "lateral = left lateral, anterior on image left; head up"},
+        "mask_threshold_mm": settings.mask_threshold_mm,
+        "render_settings": settings.as_dict(),
+    }
 
 
 def _cohort_meta(n_copies: int, poses_per_copy: int, seed: int, amplitude_mm: float, scale_range: float,

@@ -173,15 +173,16 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, 
 
 def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str = "dice",
                 xlabels: dict[str, str] | None = None, columns: int = 4, ylim: tuple[float, float] | None = (0, 1.02),
-                reference: float | None = None):
+                reference: float | dict | None = None, logx: bool = False):
     """Small multiples of a metric against a swept quantity, one line per model, with 95% bands.
 
     curves: a table (index or columns) with ``panel``, ``x``, ``line``, ``metric`` and, for
     the bands, ``<metric>_lo`` / ``<metric>_hi`` (from :func:`~chexanatomy_lib.evaluation.evaluate.summarize`),
     e.g. Dice per (model, shift axis, magnitude). One panel per value of ``panel`` (in order
     of appearance), titled with ``xlabels[value]`` as its x label when given; ``reference``
-    draws a horizontal line (1 for a ratio). Lines keep their colour in every panel; a
-    panel whose first ``x`` (in the table's order) is not its smallest runs from high to low.
+    draws a horizontal line (1 for a ratio), or one per panel (``{panel value: y}``, e.g. a
+    fully supervised model's score); ``logx`` puts ``x`` on a log2 axis (k-shot curves). Lines keep their colour in every panel; a panel whose first ``x`` (in the
+    table's order) is not its smallest runs from high to low.
     Returns the figure.
     """
     import matplotlib.pyplot as plt
@@ -208,8 +209,13 @@ def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str
             if f"{metric}_lo" in g:
                 ax.fill_between(xs, g[f"{metric}_lo"].to_numpy(dtype=float), g[f"{metric}_hi"].to_numpy(dtype=float),
                                 color=c, alpha=0.18, lw=0)
-        if reference is not None:
-            ax.axhline(reference, color="0.5", lw=0.8, ls=":")
+        level = reference.get(p) if isinstance(reference, dict) else reference
+        if level is not None:
+            ax.axhline(level, color="0.3" if isinstance(reference, dict) else "0.5", lw=0.8, ls=":")
+        if logx:
+            ax.set_xscale("log", base=2)
+            ticks = sorted(set(t.loc[t[panel] == p, x].astype(float)))
+            ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
         ax.set_title(str(p).replace("_", " "), fontsize=9)
         ax.set_xlabel((xlabels or {}).get(p, x), fontsize=8)
         ax.tick_params(labelsize=7)

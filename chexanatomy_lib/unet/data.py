@@ -114,6 +114,7 @@ class SegmentationSamples(torch.utils.data.Dataset):
         augmentation: Augmentation | None = None,  # None = no augmentation
         seed: int = 0,  # seeds the per-item augmentation
         chunk: int = 32,  # images read from disk at a time
+        indices: Sequence[int] | None = None,  # only these rows of the split (a k-shot draw); None: all
     ):
         self.split = split
         self.structures = list(structures)
@@ -124,6 +125,12 @@ class SegmentationSamples(torch.utils.data.Dataset):
         if missing:
             raise ValueError(f"structures not in the dataset: {missing}; it has {list(dataset.structures)}")
         self.indices = np.asarray(dataset.split_indices(split), dtype=np.int64)
+        if indices is not None:
+            wanted = np.asarray(indices, dtype=np.int64)
+            outside = sorted(set(wanted.tolist()) - set(self.indices.tolist()))
+            if outside:
+                raise ValueError(f"rows {outside[:5]} are not in split {split!r}")
+            self.indices = wanted
         if self.indices.size == 0:
             raise ValueError(f"the dataset has no images in split {split!r}")
         col = [list(dataset.structures).index(s) for s in self.structures]

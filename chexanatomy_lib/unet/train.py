@@ -179,6 +179,22 @@ def _validate(model, samples: SegmentationSamples, loss_fn, accelerator, batch_s
     return {key: v / max(n, 1) for key, v in sums.items()}
 
 
+def _initialise_from(model: torch.nn.Module, checkpoint_dir: str | Path, config: UNetConfig) -> str:
+    """Copy into ``model`` every weight of the saved U-Net whose name and shape match; returns
+    the checkpoint's key for the run's fingerprint. A checkpoint of another architecture is
+    refused with a CheckpointError naming it."""
+    from .checkpoint import load_model
+
+    source, card = load_model(checkpoint_dir)
+    if UNetConfig.from_dict(card["model"]) != config:
+        raise CheckpointError(checkpoint_dir, f"its U-Net ({card['model']}) is not the one configured ({config.to_dict()})")
+    own = model.state_dict()
+    copied = {k: v for k, v in source.state_dict().items() if k in own and own[k].shape == v.shape}
+    own.update(copied)
+    model.load_state_dict(own)
+    return f"{Path(checkpoint_dir).resolve()}:{len(copied)}/{len(own)}"
+
+
 def train_unet(
     dataset: Any,  # chexanatomy_lib.ct.dataset.ProjectedDataset
     checkpoint_dir: str | Path,  # folder for training states, curves, weights and model card
@@ -187,6 +203,9 @@ def train_unet(
     resume: bool = True,  # continue from a saved state made with the same settings
     stop_after_steps: int | None = None,  # save and return after this many steps in all (an interruption)
     progress: bool = True,  # show a tqdm progress bar
+    train_indices: Any = None,  # rows of the train split to learn from (a k-shot draw); None: all of it
+    init_from: str | Path | None = None,  # a U-Net checkpoint whose weights start the run (all but the output layer)
+    validate: bool = True,  # score the val split and save the state after every epoch
 ) -> UNetTrainResult:
     """Train the baseline on the dataset's train split, validating on its val split
     after every epoch; returns a UNetTrainResult.
@@ -194,6 +213,11 @@ def train_unet(
     With `resume=True` a saved training state whose settings match `config` is
     continued (a finished run is returned as is); a state made with other settings
     is reported and replaced by a fresh run. Ctrl-C saves the state before stopping.
+    `train_indices` and `init_from` adapt a network to a novel task from a few images
+    (chapter 7): every weight of `init_from` whose name and shape match is copied, so the
+    last 1x1 convolution, which has one output per structure, starts afresh when the
+    structures differ. Without `validate` (a few-shot run) nothing is scored and the
+    state is saved at the checkpoint interval and at the end only.
     """
     from accelerate.utils import set_seed
 
@@ -210,11 +234,15 @@ def train_unet(
     accelerator = make_accelerator(device, config.mixed_precision)
     set_seed(config.seed)
 
-    train = SegmentationSamples(dataset, "train", structures, config.input_size, config.augmentation, config.seed)
-    has_val = len(np.asarray(dataset.split_indices("val"))) > 0
+    train = SegmentationSamples(dataset, "train", structures, config.input_size, config.augmentation, config.seed,
+                                indices=train_indices)
+    has_val = validate and len(np.asarray(dataset.split_indices("val"))) > 0
     val = SegmentationSamples(dataset, "val", structures, config.input_size, None, config.seed) if has_val else None
 
     model = build_unet(len(structures), config.model)
+    start_key = None
+    if init_from is not None:
+        start_key = _initialise_from(model, init_from, config.model)
     batches_per_epoch = math.ceil(len(train) / config.batch_size)
     world, rank = accelerator.num_processes, accelerator.process_index
     per_process = batches_per_epoch // world if world > 1 else batches_per_epoch
@@ -249,14 +277,19 @@ def train_unet(
         record["wall_s"] = ctx.state.wall_s + (time.perf_counter() - t0)
         record["cpu_s"] = ctx.state.cpu_s
         ctx.state.records.setdefault("epochs", []).append(record)
-        return True
+        return validate
 
     loop = LoopConfig(steps=total_steps, lr=config.lr, warmup_steps=int(round(config.warmup_frac * total_steps)),
                       weight_decay=config.weight_decay, grad_clip=config.grad_clip, device=device,
                       mixed_precision=config.mixed_precision, save_every=config.checkpoint_every,
                       keep_checkpoints=1, log_every=1, stop_after=stop_after_steps, desc="U-Net training",
                       progress=progress)
-    fingerprint = _fingerprint(config, structures, _dataset_key(dataset, len(train)))
+    data_key = _dataset_key(dataset, len(train))
+    if train_indices is not None:
+        data_key["rows"] = [int(i) for i in train.indices]
+    if start_key is not None:
+        data_key["init_from"] = start_key
+    fingerprint = _fingerprint(config, structures, data_key)
     result = train_loop(model, model.parameters(), batches, loss_fn, loop, checkpoint_dir=root,
                         fingerprint=fingerprint, resume=resume, on_step_end=end_of_epoch, accelerator=accelerator)
     if result.finished and accelerator.is_main_process:

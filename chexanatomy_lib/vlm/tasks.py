@@ -9,6 +9,9 @@ Tasks (prompt -> target), as in the paper's training mix:
 - ``highlight``: image with one structure's mask or box drawn on it,
   ``"which structure is highlighted"`` -> display name
 - ``view``: ``"view orientation"`` -> ``"posteroanterior"`` or ``"lateral"``
+- ``visible``: ``"visible heart"`` -> ``"yes"`` (present and untruncated) or ``"no"``: an
+  image-level question with no box or mask in its answer (not in the default mix;
+  the image-level control, ``train.train_image_level``, learns ``view`` and ``visible`` only)
 
 Structure names in detect/segment prompts are drawn from the registry's display
 name and synonyms; the target repeats the name used in the prompt. Absent and
@@ -24,13 +27,14 @@ from typing import Any, Mapping, Sequence
 
 import numpy as np
 
-TASKS = ("segment", "detect", "caption_box", "caption_mask", "highlight", "view")
+TASKS = ("segment", "detect", "caption_box", "caption_mask", "highlight", "view", "visible")
 DEFAULT_TASK_MIX: dict[str, float] = {
     "segment": 0.55, "detect": 0.15, "caption_box": 0.08, "caption_mask": 0.08, "highlight": 0.08, "view": 0.06,
 }
 VIEW_WORDS = {"pa": "posteroanterior", "lateral": "lateral"}
 HIGHLIGHT_PROMPT = "which structure is highlighted"
 VIEW_PROMPT = "view orientation"
+VISIBLE_PROMPT = "visible"
 
 
 @dataclass
@@ -248,6 +252,17 @@ class TaskSampler:
             task = keys[int(rng.choice(len(keys), p=[self.mix[k] for k in keys]))]
         if task not in TASKS:
             raise ValueError(f"unknown task {task!r}; known: {list(TASKS)}")
+        if task == "view" and self.augment == 0:  # image-level: nothing to encode
+            view = str(self.dataset.index["view"].iloc[i])
+            return Sample(grey_to_rgb(np.asarray(self.dataset.images[i], dtype=np.float32)), VIEW_PROMPT,
+                          VIEW_WORDS[view], task)
+        if task == "visible":  # image-level: no labels to encode; a visible and a hidden structure equally often
+            ok = self.usable(i)
+            pool = np.flatnonzero(ok if (rng.random() < 0.5 and ok.any()) or ok.all() else ~ok)
+            s = int(rng.choice(pool))
+            image = np.asarray(self.dataset.images[i], dtype=np.float32)
+            return Sample(grey_to_rgb(image), f"{VISIBLE_PROMPT} {self._name(s, rng)}", "yes" if ok[s] else "no",
+                          task)
         if self.augment > 0 and rng.random() < self.augment:
             image, (ok, boxes, codes, masks) = self._augmented(i, rng)
         else:

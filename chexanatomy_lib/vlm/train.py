@@ -151,7 +151,7 @@ def train(
     sample_fn: Callable[[int, np.random.Generator], Any],
     train_indices: Sequence[int],
     config: TrainConfig,
-    out_dir: str | Path,
+    out_dir: str | Path | None,
     resume: bool = True,
     progress: bool = True,
 ):
@@ -160,7 +160,8 @@ def train(
     train_indices: dataset rows to draw from (int [n]).
     out_dir: gets `checkpoints/step_NNNNNN/` (the loop's saved states) and
         `training_log.json` (the loss log); with `resume`, the latest state there made
-        with the same settings is continued.
+        with the same settings is continued. None: nothing is saved (a short few-shot
+        run that is scored and discarded); the loss log is in the returned result.
     Returns the loop's `TrainResult`; `vlm.model` holds the trained weights (eval mode).
     """
     from ..training import LoopConfig, make_accelerator, process_share, train_loop
@@ -213,4 +214,30 @@ def train(
     if config.gradient_checkpointing:
         model.gradient_checkpointing_disable()
     model.eval()
+    return result
+
+
+def train_image_level(vlm, dataset, rows: Sequence[int], structures: Sequence[str], codec, out_dir: str | Path,
+                         steps: int, batch_size: int, lr: float, seed: int, device: str = "auto",
+                         resume: bool = True, card: dict | None = None, progress: bool = True):
+    """Train the image-level control in place and save it to ``out_dir/checkpoint``.
+
+    ``vlm``: a freshly built model of the anatomy model's architecture (chapter 3 builds it
+    with its own ``load_vlm`` settings); it trains for ``steps`` on dataset ``rows`` with
+    image-level tasks only: the view's orientation, and whether each of ``structures`` is
+    visible (``"visible heart"`` -> ``"yes"``/``"no"``), never a box or a mask. The loop's
+    state is saved under ``out_dir`` (resumed when a run with the same settings stopped
+    there). Returns the loop's ``TrainResult``.
+    """
+    from .model import save_vlm
+    from .tasks import TaskSampler
+
+    sampler = TaskSampler(dataset, codec, list(structures), task_mix={"view": 0.3, "visible": 0.7})
+    config = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr),
+                         warmup_steps=max(1, int(steps) // 20), seed=int(seed), device=device,
+                         save_every=max(1, int(steps) // 4))
+    result = train(vlm, sampler.sample, list(rows), config, out_dir, resume=resume, progress=progress)
+    save_vlm(vlm, Path(out_dir) / "checkpoint", {"pretraining": "image-level (view, visible)", "steps": int(steps),
+                                                 "seed": int(seed), "visible_structures": list(structures),
+                                                 "train_seconds": round(result.state.wall_s, 1), **(card or {})})
     return result
