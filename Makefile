@@ -2,6 +2,8 @@
 #   make book   executes every chapter with the smoke profile and builds the HTML book
 #   make test   runs the test suite (one smoke execution of the whole book included)
 # Both create the virtual environment .venv on first use.
+#   make sweeps runs chapter 8's ablation sweeps at smoke scale on the CPU (about 50 min
+#               on 2 cores) and records them under records/sweeps/ (committed)
 
 PY ?= python3
 VENV ?= .venv
@@ -20,7 +22,11 @@ TXV_SPEC ?= torchxrayvision==1.5.7
 STAMP := $(VENV)/.installed
 PROFILE ?= smoke
 
-.PHONY: env book test test-fast benchmarks clean
+# the ablations of chapter 8, in the order they run
+SWEEPS ?= notebooks/sweeps/ablation_vision_finetuning.yaml notebooks/sweeps/ablation_resolution.yaml \
+          notebooks/sweeps/ablation_model_scale.yaml
+
+.PHONY: env book test test-fast sweeps benchmarks clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -41,6 +47,9 @@ test: $(STAMP)
 
 test-fast: $(STAMP)
 	$(BIN)/python -m pytest -m "not book and not slow"
+
+sweeps: $(STAMP)
+	$(BIN)/chexanatomy sweep $(SWEEPS) --record
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

@@ -2,7 +2,7 @@
 
     chexanatomy run NOTEBOOK [--profile P] [-p key=value ...] [--force] [--run-dir DIR]
     chexanatomy book [--profile P] [--force] [--run-dir DIR] [--no-html]
-    chexanatomy sweep notebooks/sweeps/NAME.yaml [--run-dir DIR] [--dry-run] [--force]
+    chexanatomy sweep notebooks/sweeps/NAME.yaml ... [--variant paper] [--record] [--run-dir DIR] [--dry-run] [--force]
     chexanatomy params NOTEBOOK [--profile P]
     chexanatomy record STAGE_DIR --name NAME [--figure F ...] [--note TEXT]
     chexanatomy manifest ROOT --out data_manifests/NAME.yaml
@@ -41,8 +41,10 @@ def _parser() -> argparse.ArgumentParser:
     b.add_argument("--force", action="store_true", help="re-execute every chapter")
     b.add_argument("--no-html", action="store_true", help="execute only; do not render")
 
-    s = sub.add_parser("sweep", help="run a parameter sweep and gather its metrics")
-    s.add_argument("sweep", help="notebooks/sweeps/NAME.yaml")
+    s = sub.add_parser("sweep", help="run parameter sweeps and gather their metrics")
+    s.add_argument("sweep", nargs="+", help="notebooks/sweeps/NAME.yaml (several run one after another)")
+    s.add_argument("--variant", help="the sweep file's variant (smoke, paper; default smoke where it has variants)")
+    s.add_argument("--record", action="store_true", help="record each finished sweep under records/sweeps/")
     s.add_argument("--run-dir")
     s.add_argument("--force", action="store_true")
     s.add_argument("--dry-run", action="store_true", help="print the cells without running them")
@@ -125,10 +127,16 @@ def _dispatch(args: argparse.Namespace) -> int:
         if res.html_dir:
             print(f"book: {res.html_dir / 'index.html'}")
     elif args.command == "sweep":
-        from .sweep import run_sweep
+        from .records import record_sweep
+        from .sweep import load_sweep, run_sweep, sweep_directory
 
-        table = run_sweep(args.sweep, run_dir=args.run_dir, force=args.force, dry_run=args.dry_run)
-        print(table.to_string(index=False))
+        for f in args.sweep:  # every file is checked before the first cell runs
+            load_sweep(f, args.variant)
+        for f in args.sweep:
+            table = run_sweep(f, variant=args.variant, run_dir=args.run_dir, force=args.force, dry_run=args.dry_run)
+            print(table.to_string(index=False))
+            if args.record and not args.dry_run:
+                print(f"recorded: {record_sweep(sweep_directory(f, args.variant, args.run_dir))}")
     elif args.command == "params":
         from .pipeline import stage_for_notebook
         from .runner import load_profile, stage_parameters

@@ -75,6 +75,42 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
     return out
 
 
+SWEEPS_DIR = "sweeps"
+#: What a sweep record holds: the plan and provenance, the gathered tables.
+SWEEP_FILES = ("sweep.json", "results.csv", "summary.csv", "per_image.csv")
+
+
+def record_sweep(sweep_dir: str | Path, records_dir: Path = RECORDS_DIR) -> Path:
+    """Record a finished sweep (``<run_dir>/sweeps/<name>/``) as ``records/sweeps/<name>/``.
+
+    Copies the plan with its device, revision and command (``sweep.json``) and the
+    gathered tables; a record of the same sweep is replaced (``make sweeps`` records
+    anew). Refuses a sweep that did not finish (no ``sweep.json``) or a file over
+    :data:`MAX_RECORD_FILE_BYTES`.
+    """
+    sdir = Path(sweep_dir)
+    meta_path = sdir / "sweep.json"
+    if not meta_path.is_file():
+        raise RecordError(f"{sdir}: no sweep.json; the sweep did not finish")
+    meta = json.loads(meta_path.read_text())
+    files = [sdir / f for f in SWEEP_FILES if (sdir / f).is_file()]
+    for f in files:
+        if f.stat().st_size > MAX_RECORD_FILE_BYTES:
+            raise RecordError(f"{f}: {f.stat().st_size} bytes is too large for a record (max {MAX_RECORD_FILE_BYTES})")
+    out = records_dir / SWEEPS_DIR / meta["name"]
+    if out.exists():
+        shutil.rmtree(out)
+    out.mkdir(parents=True)
+    for f in files:
+        shutil.copy2(f, out / f.name)
+    return out
+
+
+def load_sweep_records(records_dir: Path = RECORDS_DIR) -> dict[str, Path]:
+    """Recorded sweeps: ``{name: folder}`` for every ``records/sweeps/<name>/sweep.json``."""
+    return {p.parent.name: p.parent for p in sorted((records_dir / SWEEPS_DIR).glob("*/sweep.json"))}
+
+
 def _normalise_benchmark(rec: dict[str, Any], path: Path) -> dict[str, Any]:
     """Benchmarks write their own tables; give them the common record fields."""
     def describe(m: Any) -> str | None:

@@ -76,7 +76,8 @@
 run_dir = "runs/default"  # run directory holding every stage's folder
 seed = 0  # seeds weight initialisation, data order, augmentation and the bootstrap
 device = "auto"  # "auto" (CUDA if available), "cpu" or "cuda"
-model = "tiny"  # "tiny"/"small" (random init, all weights train) or a PaliGemma checkpoint id/folder
+model = "tiny"  # "tiny"/"small"/"base" (random init, all weights train), a PaliGemma checkpoint id/folder, or a folder saved here
+image_size: int | None = None  # input side of a random model (px, multiple of 16); None: the preset's (tiny 128)
 adapter: str | None = None  # a published LoRA adapter (folder or id) to start from; checkpoints only
 finetune_vision = True  # train the vision tower (always for random models; LoRA on SigLIP for checkpoints)
 lora_r = 16  # LoRA rank (checkpoints only)
@@ -180,7 +181,8 @@ plt.show()
 # ## The model and what trains
 
 # %%
-vlm = load_vlm(model, seed=seed, finetune_vision=finetune_vision, lora_r=lora_r, adapter=adapter, dtype=dtype)
+vlm = load_vlm(model, seed=seed, finetune_vision=finetune_vision, lora_r=lora_r, adapter=adapter, dtype=dtype,
+               image_size=image_size)
 report = pd.DataFrame(trainable_parameters(vlm.model)).set_index("component")
 report
 
@@ -311,6 +313,9 @@ for s in structures:
     metrics[f"baseline_dice/{s}"] = float(summary_base.loc[s, "dice"])
     metrics[f"baseline_box_acc@0.5/{s}"] = float(summary_base.loc[s, "box_acc@0.5"])
 write_metrics(run_dir, "03_vlm_finetune", metrics)
+# per-image scores of the saved predictions and the baseline: what a sweep over this chapter gathers
+pd.concat([per_image_vlm.assign(method="vlm"), per_image_base.assign(method="baseline")]).to_csv(
+    out / "test_scores.csv", index=False)
 print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
 
 # %% [markdown]
@@ -328,7 +333,7 @@ print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
 if train_control:
     visible = [s for s in dataset.structures if (~dataset.absent[train_idx, dataset.channel(s)]).any()]
     control_vlm = load_vlm(model, seed=seed, finetune_vision=finetune_vision, lora_r=lora_r, adapter=adapter,
-                           dtype=dtype)
+                           dtype=dtype, image_size=image_size)
     control = train_image_level(control_vlm, dataset, train_idx, visible, codec, out / "control", steps,
                                    batch_size, lr, seed, device=device, resume=resume,
                                    card={"base": model, "dataset": str(dataset.path)})

@@ -2,9 +2,14 @@
 
 One entry point, `load_vlm(model, ...)`:
 
-- ``"tiny"`` / ``"small"``: a randomly initialised `PaliGemmaForConditionalGeneration`
-  of the real architecture (SigLIP vision tower, linear projector, Gemma decoder)
-  with small widths and depths and an offline tokenizer. Every weight trains.
+- ``"tiny"`` / ``"small"`` / ``"base"``: a randomly initialised
+  `PaliGemmaForConditionalGeneration` of the real architecture (SigLIP vision tower,
+  linear projector, Gemma decoder) with small widths and depths and an offline
+  tokenizer, at the preset's input size or ``image_size``. Every weight trains.
+- a folder written by :func:`save_vlm` (a model fine-tuned here, e.g. chapter 3's
+  image-level control): its weights go on training; for full-weight models
+  ``finetune_vision=False`` freezes the vision tower, which is the smoke-scale
+  analogue of fine-tuning a pretrained checkpoint with or without LoRA on SigLIP.
 - anything else: a real checkpoint (``google/paligemma2-3b-pt-224``, a PaliGemma 1
   id, or a local directory), read from disk or the Hugging Face cache without
   network access, wrapped with LoRA adapters (peft) on the language model's
@@ -28,6 +33,9 @@ TINY_PRESETS: dict[str, dict[str, int]] = {
     # ~10 M parameters at 224 px
     "small": dict(image_size=224, patch_size=16, vision_hidden=256, vision_layers=6, vision_heads=4,
                   text_hidden=320, text_layers=6, text_heads=4, text_kv_heads=1, vocab_size=1024),
+    # ~37 M parameters at 224 px: chapter 8's third, larger random model
+    "base": dict(image_size=224, patch_size=16, vision_hidden=384, vision_layers=8, vision_heads=6,
+                 text_hidden=480, text_layers=8, text_heads=6, text_kv_heads=1, vocab_size=1024),
 }
 LORA_LANGUAGE_MODULES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 LORA_VISION_MODULES = ("q_proj", "k_proj", "v_proj", "out_proj", "fc1", "fc2")
@@ -63,11 +71,13 @@ class VLM:
 
 
 # --------------------------------------------------------------------------- tiny models
-def build_tiny(preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None) -> VLM:
+def build_tiny(preset: str = "tiny", seed: int = 0, corpus: list[str] | None = None,
+               image_size: int | None = None) -> VLM:
     """Randomly initialised PaliGemma of preset `preset` with an offline tokenizer.
 
     The weights are drawn under `torch.manual_seed(seed)`; all of them train
-    (vision tower and projector included).
+    (vision tower and projector included). `image_size`: input side in pixels (a
+    multiple of the patch size, 16); None keeps the preset's.
     """
     import torch
     from transformers import PaliGemmaConfig, PaliGemmaForConditionalGeneration
@@ -76,7 +86,11 @@ def build_tiny(preset: str = "tiny", seed: int = 0, corpus: list[str] | None = N
 
     if preset not in TINY_PRESETS:
         raise ValueError(f"unknown tiny preset {preset!r}; choose from {sorted(TINY_PRESETS)}")
-    p = TINY_PRESETS[preset]
+    p = dict(TINY_PRESETS[preset])
+    if image_size is not None:
+        if int(image_size) <= 0 or int(image_size) % p["patch_size"]:
+            raise ValueError(f"image_size must be a positive multiple of {p['patch_size']} px, got {image_size}")
+        p["image_size"] = int(image_size)
     processor = build_processor(build_tokenizer(corpus, p["vocab_size"]), p["image_size"], p["patch_size"])
     tok = processor.tokenizer
     vocab = len(tok)
@@ -266,8 +280,18 @@ def load_vlm(
     lora_r: int = 16,  # LoRA rank (checkpoints only)
     adapter: str | None = None,  # published LoRA adapter to start from (checkpoints only)
     dtype: str = "auto",  # weight dtype of checkpoints
+    image_size: int | None = None,  # input side of a random model (px); None: the preset's
 ) -> VLM:
     """Build or load the model named by `model` (see module docstring)."""
+    if image_size is not None and model not in TINY_PRESETS:
+        raise ValueError(f"image_size={image_size} applies to random models only; {model!r} has its own input size")
+    if is_saved_vlm(model):
+        if adapter is not None:
+            raise ValueError(f"{model}: a saved model carries its own weights; adapter must be None")
+        vlm = load_saved_vlm(model, trainable=True)
+        if not vlm.lora and not finetune_vision:
+            freeze_vision_tower(vlm)
+        return vlm
     if model in TINY_PRESETS:
         if not finetune_vision:
             raise ValueError(
@@ -276,8 +300,32 @@ def load_vlm(
             )
         if adapter is not None:
             raise ValueError("a LoRA adapter needs a pretrained base checkpoint, not a tiny random model")
-        return build_tiny(model, seed)
+        return build_tiny(model, seed, image_size=image_size)
     return load_pretrained(model, lora_r=lora_r, finetune_vision=finetune_vision, adapter=adapter, dtype=dtype)
+
+
+def is_saved_vlm(model: str) -> bool:
+    """Whether `model` names a folder written by :func:`save_vlm` (it holds a VLM model card)."""
+    d = Path(str(model))
+    if not (d / "model_card.json").is_file():
+        return False
+    try:
+        read_card(d, kind="vlm")
+    except CheckpointError:
+        return False
+    return True
+
+
+def freeze_vision_tower(vlm: VLM) -> int:
+    """Stop the vision tower of a full-weight model from training; returns how many
+    parameters were frozen. The projector and the language model keep training."""
+    n = 0
+    for name, prm in vlm.model.named_parameters():
+        if "vision_tower" in name:
+            prm.requires_grad_(False)
+            n += prm.numel()
+    vlm.finetune_vision = False
+    return n
 
 
 # --------------------------------------------------------------------------- reports
