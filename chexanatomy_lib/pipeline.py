@@ -40,6 +40,9 @@ class Stage:
     library: tuple[str, ...]  # library parts that are inputs of this stage
     budget_s: float | None  # smoke-profile time budget on 2 CPU cores (s)
     notebook_path: Path | None = None  # defaults to notebooks/<name>.py
+    # files read besides upstream stages: glob patterns relative to the project root
+    # (``{run_dir}`` is the run directory); their content counts as an input
+    reads: tuple[str, ...] = ()
 
     @property
     def notebook(self) -> Path:
@@ -47,7 +50,7 @@ class Stage:
 
 
 _CHAPTERS = ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline", "05_shift",
-             "06_real_radiographs", "07_few_shot")
+             "06_real_radiographs", "07_few_shot", "08_ablations", "09_claims")
 
 #: Stages in execution order (every stage after its upstream stages).
 STAGES: dict[str, Stage] = {
@@ -81,6 +84,12 @@ STAGES: dict[str, Stage] = {
               ("01_ct_projection", "02_token_codec", "03_vlm_finetune", "04_unet_baseline"),
               ("ct", "codec", "evaluation", "fewshot", "vlm", "unet", "training.py", "checkpoints.py", "augment.py",
                "devices.py", "radiograph.py"), 300),
+        # Chapter 8 reads the recorded sweeps and those in the run directory (make sweeps runs them).
+        Stage("08_ablations", "Ablations", (), ("evaluation", "records.py"), 45,
+              reads=("records/sweeps/*/*", "{run_dir}/sweeps/*/sweep.json")),
+        Stage("09_claims", "The claims, measured",
+              ("04_unet_baseline", "05_shift", "06_real_radiographs", "07_few_shot", "08_ablations"),
+              ("evaluation", "records.py"), 45, reads=("records/*/record.json",)),
         # The introduction reports every chapter's measured time, so it runs last.
         Stage("00_introduction", "Introduction", _CHAPTERS, ("pipeline.py", "records.py"), None),
     )

@@ -273,6 +273,23 @@ def _input_files(params: dict[str, Any]) -> dict[str, str]:
     return out
 
 
+def _read_files(patterns: tuple[str, ...], run_dir: str | None) -> dict[str, str]:
+    """SHA-256 of every file matching a stage's ``reads`` patterns (see :class:`~chexanatomy_lib.pipeline.Stage`)."""
+    out: dict[str, str] = {}
+    for pattern in patterns:
+        if "{run_dir}" in pattern:
+            if not run_dir:
+                continue
+            rd = Path(run_dir) if Path(run_dir).is_absolute() else PROJECT_ROOT / run_dir
+            root, pattern = rd, pattern.replace("{run_dir}/", "")
+        else:
+            root = PROJECT_ROOT
+        for f in sorted(root.glob(pattern)):
+            if f.is_file():
+                out[str(f.relative_to(root))] = prov.sha256_file(f)
+    return out
+
+
 def stage_key(stage: Stage, params: dict[str, Any], upstream: dict[str, dict[str, Any]]) -> tuple[str, dict[str, Any]]:
     """The reuse key of a stage run and the inputs it was computed from."""
     import hashlib
@@ -288,6 +305,8 @@ def stage_key(stage: Stage, params: dict[str, Any], upstream: dict[str, dict[str
         # An upstream stage that ran again (even with equal parameters) counts as a new input.
         "upstream": {u: {"key": p.get("key"), "finished": p.get("finished")} for u, p in upstream.items()},
     }
+    if stage.reads:
+        inputs["reads"] = _read_files(stage.reads, params.get("run_dir"))
     blob = json.dumps(inputs, sort_keys=True, default=str).encode()
     return hashlib.sha256(blob).hexdigest(), inputs
 

@@ -39,8 +39,10 @@
 # | 5 Shift | held-out images, both models, the CT manifest | Dice against the magnitude of each geometric and appearance shift; the paired difference of the models' drops (C2) |
 # | 6 Real radiographs | real annotations (and any real set a user brings), both models | the shape and intensity gap between DRRs and real films, the cardiothoracic ratio from masks, both models scored on real films (R1, R2) |
 # | 7 Few-shot | novel structures, lesions written into the CT, both models | k-shot curves per start with intervals over draws and images; anatomy-pretrained minus image-level VLM (C3) |
+# | 8 Ablations | the recorded sweeps of chapter 3 over model scale, input resolution and vision fine-tuning (`make sweeps`) | score against each swept value with intervals; each ablation's effect (C4–C6) |
+# | 9 Claims | the metrics of chapters 4 to 8 and the recorded runs | every claim of the paper and its referee as a measured value with a verdict computed from its interval |
 #
-# The ablations and the claims chapter follow. Every chapter is a notebook executed by
+# Every chapter is a notebook executed by
 # [papermill](https://papermill.readthedocs.io) with a *profile*, writing its
 # artifacts, its parameters and a provenance record (versions, device, git
 # revision, input hashes, wall time) into a run directory. A chapter whose
@@ -55,8 +57,10 @@
 #
 # Both create the Python environment on first use. `chexanatomy run
 # notebooks/03_vlm_finetune.py --profile paper -p model=google/paligemma2-3b-pt-224`
-# runs one chapter with a real checkpoint on a GPU; `chexanatomy sweep
-# notebooks/sweeps/NAME.yaml` runs an ablation. The chapter *Reproducing the
+# runs one chapter with a real checkpoint on a GPU; `make sweeps` runs chapter 8's
+# ablations at smoke scale and records them (about 50 minutes on 2 cores), and
+# `chexanatomy sweep notebooks/sweeps/NAME.yaml --variant paper` runs one at the paper's
+# scale. The chapter *Reproducing the
 # paper* lists the data and checkpoints a full run needs.
 #
 # ## What the smoke profile can and cannot show

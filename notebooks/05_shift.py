@@ -288,6 +288,11 @@ for a in axes:
     row = differences.loc[(a, severe[a], main)]
     for col in ("difference", "difference_lo", "difference_hi"):
         headline[f"shift_{a}_{main.replace(' ', '_')}_vlm_minus_unet_drop_{col}"] = row[col]
+    for model in models:  # the share of its unshifted Dice each model keeps at the most severe magnitude
+        key = "vlm" if model == "VLM" else "unet"
+        r = ratios.loc[(model, a, main, severe[a])]
+        for col, name in (("ratio", ""), ("ratio_lo", "_lo"), ("ratio_hi", "_hi")):
+            headline[f"shift_{a}_{key}_{main.replace(' ', '_')}_robustness{name}"] = r[col]
 pooled = c2.loc["rendered geometric axes"]
 for col in ("difference", "difference_lo", "difference_hi"):
     headline[f"c2_geometric_vlm_minus_unet_drop_{col}"] = pooled[col]

@@ -354,6 +354,11 @@ headline = {}
 for side in fields:
     for s in STATISTICS:
         headline[f"shape_gap_{side}_{s}_standardised"] = gap.at[(side, s), "standardised"]
+        # the interval of the distance, in the same units (the real set's spread taken as known)
+        w = gap.at[(side, s), "wasserstein"]
+        per_unit = gap.at[(side, s), "standardised"] / w if w > 0 else np.nan
+        headline[f"shape_gap_{side}_{s}_standardised_lo"] = gap.at[(side, s), "wasserstein_lo"] * per_unit
+        headline[f"shape_gap_{side}_{s}_standardised_hi"] = gap.at[(side, s), "wasserstein_hi"] * per_unit
     headline[f"shape_gap_{side}_area_fraction_wasserstein_lo"] = gap.at[(side, "area_fraction"), "wasserstein_lo"]
 for model, key in (("VLM (chapter 3)", "vlm"), ("U-Net (chapter 4)", "unet"), ("mean-mask baseline", "baseline")):
     if model in ctr_table.index:

@@ -7,9 +7,8 @@ import numpy as np
 import pandas as pd
 import pytest
 
-from chexanatomy_lib.fewshot.curves import (
-    area_under_curve, k_to_reach, kshot_curves, start_difference, two_level_bootstrap,
-)
+from chexanatomy_lib.evaluation.metrics import two_level_bootstrap
+from chexanatomy_lib.fewshot.curves import area_under_curve, k_to_reach, kshot_curves, start_difference
 from chexanatomy_lib.fewshot.sampling import kshot_draws, load_draws, save_draws
 
 

@@ -250,3 +250,18 @@ def test_benchmark_records_are_normalised_and_checked(tmp_path):
     (bench / "c.json").write_text(json.dumps({"benchmark": "c", "date": "2026-01-01", "machine": {"cpu": "X"}}))
     with pytest.raises(RecordError, match=r"c\.json: record lacks \['command', 'revision'\]"):
         load_records(tmp_path / "records")
+
+
+def test_files_a_stage_reads_count_as_its_inputs(tmp_path):
+    stage = STAGES["08_ablations"]  # reads <run_dir>/sweeps/*/sweep.json besides the records
+    run = tmp_path / "run"
+    (run / "sweeps" / "x").mkdir(parents=True)
+    params = {"run_dir": str(run)}
+    k0, _ = runner.stage_key(stage, params, {})
+    (run / "sweeps" / "x" / "sweep.json").write_text("{}")
+    k1, inputs = runner.stage_key(stage, params, {})
+    assert k1 != k0 and "sweeps/x/sweep.json" in inputs["reads"]
+    (run / "sweeps" / "x" / "sweep.json").write_text('{"date": "later"}')
+    assert runner.stage_key(stage, params, {})[0] not in (k0, k1)
+    # a stage that reads nothing keeps the key it had before stages could read files
+    assert "reads" not in runner.stage_key(STAGES["02_token_codec"], params, {})[1]

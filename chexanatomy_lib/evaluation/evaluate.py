@@ -31,7 +31,8 @@ import pandas as pd
 
 from ..codec.geometry import masks_to_boxes
 from .metrics import (
-    box_iou, bootstrap_ci, bootstrap_table, confusion_counts, dice_from_counts, hd95, invalid_rate, iou_from_counts,
+    box_iou, bootstrap_ci, bootstrap_table, confusion_counts, dice_from_counts, difference_verdict, hd95, invalid_rate,
+    iou_from_counts,
 )
 from .predictions import Predictions, PredictionsError
 
@@ -238,8 +239,7 @@ def paired_difference(a: pd.DataFrame, b: pd.DataFrame, structures: Sequence[str
     rows = []
     for k, (name, g) in enumerate(groups):
         est, lo, hi = bootstrap_ci(g["diff"].to_numpy(), n_boot=n_boot, seed=seed + k)
-        verdict = ("n/a" if not len(g) else "A better" if lo > 0 else "A worse" if hi < 0
-                   else "not distinguishable")
+        verdict = difference_verdict(lo, hi) if len(g) else "n/a"
         rows.append({"structure": name, "n": len(g), "a": g[f"{metric}_a"].mean() if len(g) else np.nan,
                      "b": g[f"{metric}_b"].mean() if len(g) else np.nan, "difference": est,
                      "difference_lo": lo, "difference_hi": hi, "verdict": verdict})

@@ -14,7 +14,9 @@
   multiples with 95% bands, one line per model;
 * :func:`plot_differences`: paired differences with their intervals and verdicts;
 * :func:`plot_agreement`: a measurement from predictions against the same from the
-  references, per model, with the line of identity (e.g. the cardiothoracic ratio).
+  references, per model, with the line of identity (e.g. the cardiothoracic ratio);
+* :func:`plot_claims`: each claim's measurement with its interval against the region
+  that would support it, coloured by the verdict.
 
 Figures are returned, not shown.
 """
@@ -173,7 +175,8 @@ def plot_overlays(images: np.ndarray, truth: np.ndarray, predictions: dict[str, 
 
 def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str = "dice",
                 xlabels: dict[str, str] | None = None, columns: int = 4, ylim: tuple[float, float] | None = (0, 1.02),
-                reference: float | dict | None = None, logx: bool = False):
+                reference: float | dict | None = None, logx: bool = False,
+                xticks: dict[float, str] | None = None):
     """Small multiples of a metric against a swept quantity, one line per model, with 95% bands.
 
     curves: a table (index or columns) with ``panel``, ``x``, ``line``, ``metric`` and, for
@@ -181,8 +184,11 @@ def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str
     e.g. Dice per (model, shift axis, magnitude). One panel per value of ``panel`` (in order
     of appearance), titled with ``xlabels[value]`` as its x label when given; ``reference``
     draws a horizontal line (1 for a ratio), or one per panel (``{panel value: y}``, e.g. a
-    fully supervised model's score); ``logx`` puts ``x`` on a log2 axis (k-shot curves). Lines keep their colour in every panel; a panel whose first ``x`` (in the
-    table's order) is not its smallest runs from high to low.
+    fully supervised model's score); ``logx`` puts ``x`` on a log2 axis (k-shot curves);
+    ``xticks`` labels the x positions (``{0: "tiny", 1: "small"}``: a swept value that is
+    not a number, drawn at its place in the sweep). Lines keep their colour in every
+    panel; a panel whose first ``x`` (in the table's order) is not its smallest runs from
+    high to low.
     Returns the figure.
     """
     import matplotlib.pyplot as plt
@@ -216,6 +222,9 @@ def plot_curves(curves: pd.DataFrame, panel: str, x: str, line: str, metric: str
             ax.set_xscale("log", base=2)
             ticks = sorted(set(t.loc[t[panel] == p, x].astype(float)))
             ax.set_xticks(ticks, [f"{v:g}" for v in ticks])
+        if xticks:
+            ax.set_xticks(list(xticks), [str(v) for v in xticks.values()])
+            ax.set_xlim(min(xticks) - 0.3, max(xticks) + 0.3)
         ax.set_title(str(p).replace("_", " "), fontsize=9)
         ax.set_xlabel((xlabels or {}).get(p, x), fontsize=8)
         ax.tick_params(labelsize=7)
@@ -365,3 +374,58 @@ def plot_agreement(pairs: dict[str, tuple], label: str, threshold: float | None 
     ax.set_ylabel(f"{label}, predicted masks", fontsize=8)
     ax.legend(fontsize=7)
     return ax
+
+
+_VERDICT_COLOURS = {"supported": "tab:green", "contradicted": "tab:red", "not decided": "0.45"}
+
+
+def plot_claims(table: pd.DataFrame, levels: dict[str, tuple[str, float]], columns: int = 2):
+    """One panel per claim: every measurement of it (a row of
+    :func:`~chexanatomy_lib.evaluation.claims.claims_table`, labelled by its source and
+    detail) as its value with its 95% interval, coloured by its verdict, over the shaded
+    region in which it would be supported. levels: ``{claim id: (test, level)}``.
+    Returns the figure."""
+    import textwrap
+
+    import matplotlib.pyplot as plt
+
+    t = table[table["value"].notna()]
+    claims = list(dict.fromkeys(t["claim"]))
+    if not claims:
+        fig, ax = plt.subplots(figsize=(5, 1))
+        ax.set_axis_off()
+        ax.text(0.5, 0.5, "no claim measured", ha="center", va="center")
+        return fig
+    ncol = max(1, min(columns, len(claims)))
+    nrow = -(-len(claims) // ncol)
+    rows_max = max(int((t["claim"] == c).sum()) for c in claims)
+    fig, axes = plt.subplots(nrow, ncol, figsize=(6.2 * ncol, (0.5 * rows_max + 1.1) * nrow), squeeze=False)
+    for ax in axes.reshape(-1)[len(claims):]:
+        ax.set_axis_off()
+    for ax, c in zip(axes.reshape(-1), claims):
+        g = t[t["claim"] == c]
+        test, level = levels[c]
+        lo_all = min(float(g["lo"].min()), -level if test == "within" else level)
+        hi_all = max(float(g["hi"].max()), level)
+        pad = 0.12 * (hi_all - lo_all or 1.0)
+        left, right = lo_all - pad, hi_all + pad
+        region = {"above": (level, right), "below": (left, level), "within": (-level, level)}[test]
+        ax.axvspan(*region, color="tab:green", alpha=0.08, lw=0)
+        for x in ((-level, level) if test == "within" else (level,)):
+            ax.axvline(x, color="0.3", lw=0.8, ls=":")
+        y = np.arange(len(g))[::-1]
+        for yy, (_, r) in zip(y, g.iterrows()):
+            col = _VERDICT_COLOURS.get(r["verdict"], "0.45")
+            ax.plot([r["lo"], r["hi"]], [yy, yy], color=col, lw=2.2)
+            ax.plot([r["value"]], [yy], "o", color=col, ms=4)
+            source = ", ".join(str(r["from"]).split(", ")[:2])
+            ax.text(left + 0.01 * (right - left), yy + 0.18, f"{source} · {r['detail']}"[:90], fontsize=6.5,
+                    va="bottom", color="0.2")
+        ax.set_yticks([])
+        ax.set_ylim(-0.5, len(g) - 0.1)
+        ax.set_xlim(left, right)
+        ax.set_title("\n".join(textwrap.wrap(f"{c}: {g['measure'].iloc[0]} ({r['verdict']})" if len(g) == 1
+                                             else f"{c}: {g['measure'].iloc[0]}", 70)), fontsize=8)
+        ax.tick_params(axis="x", labelsize=7)
+    fig.tight_layout()
+    return fig

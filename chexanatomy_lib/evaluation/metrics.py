@@ -253,3 +253,33 @@ def bootstrap_ratio(num: np.ndarray | Sequence[float], den: np.ndarray | Sequenc
     boots = boots[np.isfinite(boots)]
     lo, hi = np.quantile(boots, [alpha / 2, 1 - alpha / 2])
     return (est, float(lo), float(hi))
+
+
+def two_level_bootstrap(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
+                        alpha: float = 0.05) -> tuple[float, float, float, np.ndarray]:
+    """Mean of float [n_seeds, n_images] (NaN: not scored) with a percentile interval that
+    resamples seeds and images independently. Returns ``(mean, low, high, resampled means
+    float [n_boot])``; all NaN when nothing is scored."""
+    v = np.asarray(values, dtype=np.float64)
+    if v.size == 0 or np.isnan(v).all():
+        return np.nan, np.nan, np.nan, np.full(int(n_boot), np.nan)
+    rng = np.random.default_rng(seed)
+    s, n = v.shape
+    rs = rng.integers(0, s, size=(int(n_boot), s))
+    ri = rng.integers(0, n, size=(int(n_boot), n))
+    boots = np.array([np.nanmean(v[np.ix_(a, b)]) for a, b in zip(rs, ri)])
+    lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2])
+    return float(np.nanmean(v)), float(lo), float(hi), boots
+
+
+#: What a 95% interval of a difference A − B says (its zero line).
+VERDICTS = ("A better", "A worse", "not distinguishable", "n/a")
+
+
+def difference_verdict(lo: float, hi: float) -> str:
+    """The verdict of a difference A − B read from its interval ``[lo, hi]``: ``"A better"``
+    (above zero), ``"A worse"`` (below zero), ``"not distinguishable"`` (contains zero) or
+    ``"n/a"`` (no interval: NaN)."""
+    if lo is None or hi is None or np.isnan(lo) or np.isnan(hi):
+        return "n/a"
+    return "A better" if lo > 0 else "A worse" if hi < 0 else "not distinguishable"

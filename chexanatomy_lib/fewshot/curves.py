@@ -7,7 +7,8 @@ run). A task with several structures is first averaged per image.
 
 Two sources of variation are resampled together: the k-shot draw (``seed``) and the
 test image. A resample draws seeds with replacement and, independently, test images
-with replacement, and takes the mean over the grid they span (:func:`two_level_bootstrap`).
+with replacement, and takes the mean over the grid they span
+(:func:`~chexanatomy_lib.evaluation.metrics.two_level_bootstrap`).
 """
 
 from __future__ import annotations
@@ -17,29 +18,14 @@ from typing import Sequence
 import numpy as np
 import pandas as pd
 
+from ..evaluation.metrics import difference_verdict, two_level_bootstrap
+
 KEYS = ("task", "start", "k", "seed")
 
 
 def _per_image(scores: pd.DataFrame, metric: str) -> pd.DataFrame:
     keys = [c for c in KEYS if c in scores.columns]
     return scores.groupby([*keys, "image_id"], sort=False)[metric].mean().reset_index()
-
-
-def two_level_bootstrap(values: np.ndarray, n_boot: int = 1000, seed: int = 0,
-                        alpha: float = 0.05) -> tuple[float, float, float, np.ndarray]:
-    """Mean of float [n_seeds, n_images] (NaN: not scored) with a percentile interval that
-    resamples seeds and images independently. Returns ``(mean, low, high, resampled means
-    float [n_boot])``; all NaN when nothing is scored."""
-    v = np.asarray(values, dtype=np.float64)
-    if v.size == 0 or np.isnan(v).all():
-        return np.nan, np.nan, np.nan, np.full(int(n_boot), np.nan)
-    rng = np.random.default_rng(seed)
-    s, n = v.shape
-    rs = rng.integers(0, s, size=(int(n_boot), s))
-    ri = rng.integers(0, n, size=(int(n_boot), n))
-    boots = np.array([np.nanmean(v[np.ix_(a, b)]) for a, b in zip(rs, ri)])
-    lo, hi = np.nanquantile(boots, [alpha / 2, 1 - alpha / 2])
-    return float(np.nanmean(v)), float(lo), float(hi), boots
 
 
 def _matrix(g: pd.DataFrame, metric: str, seeds: Sequence, images: Sequence) -> np.ndarray:
@@ -120,7 +106,7 @@ def start_difference(scores: pd.DataFrame, a: str, b: str, metric: str = "dice",
         images = sorted(set(ga["image_id"]) & set(gb["image_id"]))
         diff = _matrix(ga, metric, seeds, images) - _matrix(gb, metric, seeds, images)
         m, lo, hi, _ = two_level_bootstrap(diff, n_boot, seed + j)
-        verdict = ("n/a" if np.isnan(m) else "A better" if lo > 0 else "A worse" if hi < 0 else "not distinguishable")
+        verdict = difference_verdict(lo, hi)
         rows.append({"task": task, "k": int(k), "a": float(np.nanmean(_matrix(ga, metric, seeds, images))),
                      "b": float(np.nanmean(_matrix(gb, metric, seeds, images))), "difference": m,
                      "difference_lo": lo, "difference_hi": hi, "verdict": verdict, "seeds": len(seeds),
