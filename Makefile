@@ -4,6 +4,9 @@
 # Both create the virtual environment .venv on first use.
 #   make sweeps runs chapter 8's ablation sweeps at smoke scale on the CPU (about 50 min
 #               on 2 cores) and records them under records/sweeps/ (committed)
+#   make gpu    runs the book with the gpu profile on one GPU (about ten minutes) and
+#               records every chapter under records/gpu.<stage>/ (commit them); on a
+#               CUDA machine: make gpu TORCH_SPEC='torch==2.11.*'
 
 PY ?= python3
 VENV ?= .venv
@@ -26,7 +29,7 @@ PROFILE ?= smoke
 SWEEPS ?= notebooks/sweeps/ablation_vision_finetuning.yaml notebooks/sweeps/ablation_resolution.yaml \
           notebooks/sweeps/ablation_model_scale.yaml
 
-.PHONY: env book test test-fast sweeps benchmarks clean
+.PHONY: env book test test-fast sweeps gpu benchmarks clean
 
 $(STAMP): pyproject.toml Makefile
 	$(PY) -m venv $(VENV)
@@ -50,6 +53,10 @@ test-fast: $(STAMP)
 
 sweeps: $(STAMP)
 	$(BIN)/chexanatomy sweep $(SWEEPS) --record
+
+gpu: $(STAMP)
+	$(BIN)/chexanatomy book --profile gpu --no-html
+	$(BIN)/chexanatomy record runs/gpu --name gpu --replace
 
 benchmarks: $(STAMP)
 	$(BIN)/python benchmarks/run_all.py

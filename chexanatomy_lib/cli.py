@@ -53,10 +53,13 @@ def _parser() -> argparse.ArgumentParser:
     q.add_argument("notebook")
     q.add_argument("--profile", default="smoke")
 
-    c = sub.add_parser("record", help="record a finished stage run (e.g. on a GPU) under records/")
-    c.add_argument("stage_dir", help="e.g. runs/paper/03_vlm_finetune")
-    c.add_argument("--name", required=True)
+    c = sub.add_parser("record", help="record a finished chapter run, or every chapter of a run directory, under records/")
+    c.add_argument("stage_dir", help="a chapter's folder (runs/paper/03_vlm_finetune) or a run directory (runs/gpu)")
+    c.add_argument("--name", required=True, help="record name (a run directory's chapters: NAME.<stage>)")
     c.add_argument("--figure", action="append", help="small figure inside the stage folder to keep")
+    c.add_argument("--figures", type=int, default=None,
+                   help="keep this many figures of each executed notebook (default: 4 for a run directory, 0 for a chapter)")
+    c.add_argument("--replace", action="store_true", help="replace records of the same name")
     c.add_argument("--note", default="")
 
     m = sub.add_parser("manifest", help="write a CT manifest for a folder with one sub-folder per case")
@@ -145,10 +148,17 @@ def _dispatch(args: argparse.Namespace) -> int:
         params = stage_parameters(stage_for_notebook(args.notebook), prof)
         print(json.dumps(params, indent=2))
     elif args.command == "record":
-        from .records import record_stage_run
+        from .records import record_run, record_stage_run
 
-        out = record_stage_run(args.stage_dir, args.name, note=args.note, figures=args.figure)
-        print(f"recorded: {out}")
+        target = Path(args.stage_dir)
+        if (target / "provenance.json").is_file():
+            out = record_stage_run(target, args.name, note=args.note, figures=args.figure, replace=args.replace,
+                                   notebook_figures_limit=args.figures or 0)
+            print(f"recorded: {out}")
+        else:
+            for out in record_run(target, args.name, note=args.note, replace=args.replace,
+                                  figures=4 if args.figures is None else args.figures):
+                print(f"recorded: {out}")
     elif args.command == "manifest":
         from .ct.manifest import scan_case_folders, write_manifest
 

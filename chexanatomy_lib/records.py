@@ -26,13 +26,33 @@ class RecordError(ValueError):
     """A record that cannot be written or read."""
 
 
+def notebook_figures(notebook: str | Path, limit: int = 8) -> list[bytes]:
+    """The PNG figures an executed notebook shows (its outputs' ``image/png``), in order:
+    up to ``limit`` of them, each at most :data:`MAX_RECORD_FILE_BYTES`."""
+    import base64
+
+    nb = json.loads(Path(notebook).read_text())
+    out = []
+    for cell in nb.get("cells", []):
+        for o in cell.get("outputs", []):
+            png = (o.get("data") or {}).get("image/png")
+            if png and len(out) < limit:
+                blob = base64.b64decode("".join(png) if isinstance(png, list) else png)
+                if len(blob) <= MAX_RECORD_FILE_BYTES:
+                    out.append(blob)
+    return out
+
+
 def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", figures: list[str] | None = None,
+                     notebook_figures_limit: int = 0, replace: bool = False,
                      records_dir: Path = RECORDS_DIR) -> Path:
     """Record a finished stage run (e.g. a GPU training run) as ``records/<name>/``.
 
     Copies the stage's metrics, parameters and provenance, plus the named small
-    figures (paths relative to the stage folder). Refuses unfinished runs and
-    files over :data:`MAX_RECORD_FILE_BYTES`.
+    figures (paths relative to the stage folder) and the first
+    ``notebook_figures_limit`` figures of its executed notebook (``figure_NN.png``).
+    Refuses unfinished runs, files over :data:`MAX_RECORD_FILE_BYTES` and, unless
+    ``replace``, a name already recorded.
     """
     sdir = Path(stage_directory)
     prov_path = sdir / "provenance.json"
@@ -42,7 +62,7 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
     if prov.get("status") != "ok":
         raise RecordError(f"{sdir}: the run did not finish (status {prov.get('status')!r}); nothing recorded")
     out = records_dir / name
-    if out.exists():
+    if out.exists() and not replace:
         raise RecordError(f"{out}: a record with this name exists; choose another name")
     files = [sdir / f for f in (figures or [])]
     for f in files:
@@ -50,9 +70,15 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
             raise RecordError(f"{f}: no such figure")
         if f.stat().st_size > MAX_RECORD_FILE_BYTES:
             raise RecordError(f"{f}: {f.stat().st_size} bytes is too large for a record (max {MAX_RECORD_FILE_BYTES})")
+    executed = sdir / f"{sdir.name}.ipynb"
+    drawn = notebook_figures(executed, notebook_figures_limit) if notebook_figures_limit and executed.is_file() else []
+    if out.exists():
+        shutil.rmtree(out)
     out.mkdir(parents=True)
     for f in files:
         shutil.copy2(f, out / f.name)
+    for k, blob in enumerate(drawn):
+        (out / f"figure_{k:02d}.png").write_bytes(blob)
     device = prov.get("device", {})
     record = {
         "name": name,
@@ -69,10 +95,54 @@ def record_stage_run(stage_directory: str | Path, name: str, *, note: str = "", 
         "versions": prov.get("versions", {}),
         "wall_time_s": prov.get("wall_time_s"),
         "date": prov.get("finished") or datetime.now(timezone.utc).isoformat(timespec="seconds"),
-        "figures": [f.name for f in files],
+        "figures": [f.name for f in files] + [f"figure_{k:02d}.png" for k in range(len(drawn))],
     }
     (out / "record.json").write_text(json.dumps(record, indent=2, default=str))
     return out
+
+
+def record_run(run_dir: str | Path, name: str, *, stages: list[str] | None = None, figures: int = 4,
+               replace: bool = False, note: str = "", records_dir: Path = RECORDS_DIR) -> list[Path]:
+    """Record every finished chapter of a run directory (``runs/gpu``) as
+    ``records/<name>.<stage>/``: its metrics, parameters, device, revision and the first
+    ``figures`` figures of its executed notebook. ``stages``: only these (default: every
+    book stage with a finished run there). Chapters that did not finish are named in the
+    :class:`RecordError` raised before anything is written."""
+    from .pipeline import STAGES
+
+    rd = Path(run_dir)
+    if not rd.is_dir():
+        raise RecordError(f"{rd}: no such run directory")
+    wanted = stages or [s for s in STAGES if (rd / s / "provenance.json").is_file()]
+    if not wanted:
+        raise RecordError(f"{rd}: no chapter ran here (no <stage>/provenance.json)")
+    unfinished = [s for s in wanted
+                  if not (rd / s / "provenance.json").is_file()
+                  or json.loads((rd / s / "provenance.json").read_text()).get("status") != "ok"]
+    if unfinished:
+        raise RecordError(f"{rd}: chapters that did not finish: {', '.join(unfinished)}; nothing recorded")
+    return [record_stage_run(rd / s, f"{name}.{s}", note=note, notebook_figures_limit=figures, replace=replace,
+                             records_dir=records_dir) for s in wanted]
+
+
+def stage_records_table(stage: str, metrics: list[str], current: dict[str, Any] | None = None,
+                        profile: str | None = None, records: list[dict[str, Any]] | None = None):
+    """A chapter's own metrics beside its recorded runs: one row for this run (``current``,
+    labelled with its ``profile``) and one per record of ``stage`` (labelled recorded,
+    with device, date and revision); columns ``source`` and ``metrics`` (NaN where a run
+    lacks one)."""
+    import pandas as pd
+
+    rows = []
+    if current is not None:
+        rows.append({"source": f"this run ({profile} profile)" if profile else "this run",
+                     **{m: current.get(m) for m in metrics}})
+    for r in load_records() if records is None else records:
+        if r.get("kind") == "stage_run" and r.get("stage") == stage:
+            rows.append({"source": f"recorded: {r['name']} on {r['device']}, {str(r['date'])[:10]}, "
+                                   f"{str(r['revision'])[:7]}",
+                         **{m: (r.get("metrics") or {}).get(m) for m in metrics}})
+    return pd.DataFrame(rows, columns=["source", *metrics]).set_index("source").astype(float)
 
 
 SWEEPS_DIR = "sweeps"

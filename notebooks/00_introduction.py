@@ -75,7 +75,9 @@
 # structure's mean training mask, and with a bootstrap confidence interval.
 # The smoke profile shows that every stage works end to end, how each number
 # is made, and where a trained model beats the trivial baseline; it cannot
-# confirm or refute the paper's claims. The `paper` profile, with many CTs
+# confirm or refute the paper's claims. The `gpu` profile (`make gpu`: one GPU, about
+# ten minutes, the same CT) trains a larger VLM a few hundred times longer, enough to
+# compare it with the U-Net on that patient. The `paper` profile, with many CTs
 # (e.g. CT-RATE {cite}`hamamci2024ctrate`) and real checkpoints, is how a user
 # gets there; runs made on hardware this build does not have are *recorded*
 # and shown below, labelled as such.

@@ -123,7 +123,7 @@ from chexanatomy_lib.evaluation.figures import comparison_table, plot_overlays, 
 from chexanatomy_lib.evaluation.metrics import invalid_rate
 from chexanatomy_lib.evaluation.predictions import predict_split, save_predictions
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
-from chexanatomy_lib.records import vlm_gpu_table
+from chexanatomy_lib.records import stage_records_table, vlm_gpu_table
 from chexanatomy_lib.vlm.decode import LOC_RULES
 from chexanatomy_lib.vlm.figures import plot_loss, plot_task_examples
 from chexanatomy_lib.vlm.model import load_vlm, trainable_parameters
@@ -317,6 +317,20 @@ write_metrics(run_dir, "03_vlm_finetune", metrics)
 pd.concat([per_image_vlm.assign(method="vlm"), per_image_base.assign(method="baseline")]).to_csv(
     out / "test_scores.csv", index=False)
 print(json.dumps({k: round(v, 3) for k, v in metrics.items()}, indent=1))
+
+# %% [markdown]
+# ## Recorded runs of this chapter
+#
+# The same chapter run where this build cannot run it (the `gpu` profile on one GPU,
+# the `paper` profile) and recorded with `chexanatomy record`, beside this run: each
+# row labelled with where and when it ran and the revision it ran at. No row but this
+# run's means nothing is recorded yet.
+
+# %%
+stage_records_table("03_vlm_finetune",
+                    ["dice/lung_field_left", "dice/lung_field_right", "dice/heart",
+                     "lung_fields_vlm_minus_baseline_dice", "lung_fields_vlm_minus_baseline_dice_lo",
+                     "lung_fields_vlm_minus_baseline_dice_hi", "train_seconds"], current=metrics).round(3)
 
 # %% [markdown]
 # ## An image-level control for chapter 7

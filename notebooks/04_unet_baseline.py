@@ -80,6 +80,7 @@ from chexanatomy_lib.evaluation.evaluate import evaluate_predictions, paired_dif
 from chexanatomy_lib.evaluation.figures import comparison_table, plot_overlays, plot_summary
 from chexanatomy_lib.evaluation.predictions import load_predictions, predict_split, save_predictions
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
+from chexanatomy_lib.records import stage_records_table
 from chexanatomy_lib.unet.data import Augmentation, default_structures
 from chexanatomy_lib.unet.figures import plot_learning_curves
 from chexanatomy_lib.unet.inference import load_segmenter
@@ -234,15 +235,31 @@ for model, key in (("mean-mask baseline", "baseline"), ("VLM (chapter 3)", "vlm"
         headline[f"{key}_dice_lung"] = float(np.nanmean(s.loc[lungs, "dice"])) if lungs else None
         headline[f"{key}_dice_lung_field"] = float(np.nanmean(s.reindex(fields)["dice"])) if fields else None
 for key, table in paired.items():
-    if "lung fields" in table.index:
-        for col in ("difference", "difference_lo", "difference_hi"):
-            headline[f"lung_fields_{key}_dice_{col}"] = table.at["lung fields", col]
+    for row in ("lung fields", "heart"):
+        if row in table.index:
+            for col in ("difference", "difference_lo", "difference_hi"):
+                headline[f"{row.replace(' ', '_')}_{key}_dice_{col}"] = table.at[row, col]
 last = result.history["epochs"][-1] if result.history["epochs"] else {}
 headline["unet_train_seconds"] = last.get("wall_s")  # wall clock: depends on the machine's load
 headline["unet_train_cpu_seconds"] = last.get("cpu_s")  # CPU time over all threads
 headline["unet_parameters"] = result.n_parameters
 write_metrics(run_dir, "04_unet_baseline", headline)
 pd.Series(headline, name="value").to_frame()
+
+# %% [markdown]
+# ## Recorded runs of this chapter
+#
+# The same chapter run where this build cannot run it (the `gpu` profile on one GPU,
+# the `paper` profile) and recorded with `chexanatomy record`, beside this run: each
+# row labelled with where and when it ran and the revision it ran at. No row but this
+# run's means nothing is recorded yet.
+
+# %%
+stage_records_table("04_unet_baseline",
+                    ["unet_dice_lung_field", "vlm_dice_lung_field", "lung_fields_unet_minus_vlm_dice_difference",
+                     "lung_fields_unet_minus_vlm_dice_difference_lo", "lung_fields_unet_minus_vlm_dice_difference_hi",
+                     "heart_unet_minus_vlm_dice_difference", "heart_unet_minus_vlm_dice_difference_lo",
+                     "heart_unet_minus_vlm_dice_difference_hi", "unet_train_seconds"], current=headline).round(3)
 
 # %% [markdown]
 # ## What this shows, and what it cannot

@@ -97,6 +97,7 @@ from chexanatomy_lib.evaluation.shift import (
     relative_robustness, score_shifted, shift_axis,
 )
 from chexanatomy_lib.pipeline import PROJECT_ROOT, stage_dir, write_metrics
+from chexanatomy_lib.records import stage_records_table
 from chexanatomy_lib.unet.inference import load_segmenter
 from chexanatomy_lib.vlm.predict import VLMSegmenter
 
@@ -301,6 +302,20 @@ write_metrics(run_dir, "05_shift", headline)
 print(f"C2 on this run ({main}, rendered geometric axes at their most severe magnitude): VLM drop − U-Net drop "
       f"= {pooled['difference']:+.3f} [{pooled['difference_lo']:+.3f}, {pooled['difference_hi']:+.3f}] "
       f"over {int(pooled['n'])} images: {pooled['verdict']}")
+
+# %% [markdown]
+# ## Recorded runs of this chapter
+#
+# The same chapter run where this build cannot run it (the `gpu` profile on one GPU,
+# the `paper` profile) and recorded with `chexanatomy record`, beside this run: each
+# row labelled with where and when it ran and the revision it ran at. No row but this
+# run's means nothing is recorded yet.
+
+# %%
+stage_records_table("05_shift", ["c2_geometric_vlm_minus_unet_drop_difference",
+                                 "c2_geometric_vlm_minus_unet_drop_difference_lo",
+                                 "c2_geometric_vlm_minus_unet_drop_difference_hi", "n_images"],
+                    current=headline).round(3)
 
 # %% [markdown]
 # ## What this shows, and what it cannot
