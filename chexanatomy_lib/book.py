@@ -8,6 +8,8 @@ Jupyter Book to render it with warnings as errors.
 
 from __future__ import annotations
 
+import ast
+import json
 import shutil
 import subprocess
 import sys
@@ -55,8 +57,62 @@ def assemble_source(run_dir: Path, dest: Path) -> Path:
         nb = run_dir / stage / f"{stage}.ipynb"
         if not nb.exists():
             raise FileNotFoundError(f"{nb}: chapter {stage} has not been executed in {run_dir}")
-        shutil.copy2(nb, chapters / nb.name)
+        (chapters / nb.name).write_text(json.dumps(reader_notebook(json.loads(nb.read_text())), indent=1))
     return dest
+
+
+#: Parameters that say where a run was made, not how: never shown to a reader.
+MACHINE_PARAMETERS = ("run_dir",)
+
+
+def _literals(source: str) -> dict[str, object]:
+    """``name = literal`` assignments of a cell (others skipped)."""
+    out: dict[str, object] = {}
+    try:
+        tree = ast.parse(source)
+    except SyntaxError:
+        return out
+    for node in tree.body:
+        target = node.targets[0] if isinstance(node, ast.Assign) and len(node.targets) == 1 else \
+            node.target if isinstance(node, ast.AnnAssign) else None
+        if isinstance(target, ast.Name) and node.value is not None:
+            try:
+                out[target.id] = ast.literal_eval(node.value)
+            except ValueError:
+                continue
+    return out
+
+
+def reader_notebook(nb: dict) -> dict:
+    """An executed notebook as the book shows it: the parameters once.
+
+    papermill adds a cell (tagged ``injected-parameters``) with every parameter it set,
+    the run directory's absolute path included. The book drops that cell and ends the
+    chapter's own parameters cell with the values this run changed (run directory
+    excluded), so a reader sees each parameter once and no path of the machine that
+    built the book. Returns a new notebook dict (nbformat JSON).
+    """
+    nb = json.loads(json.dumps(nb))
+    cells = nb.get("cells", [])
+
+    def tags(c):
+        return c.get("metadata", {}).get("tags", [])
+
+    injected = [c for c in cells if "injected-parameters" in tags(c)]
+    params = [c for c in cells if "parameters" in tags(c)]
+    if injected and params:
+        source = "".join(params[0]["source"]) if isinstance(params[0]["source"], list) else params[0]["source"]
+        defaults = _literals(source)
+        given = _literals("".join(injected[0]["source"]) if isinstance(injected[0]["source"], list)
+                          else injected[0]["source"])
+        changed = {k: v for k, v in given.items()
+                   if k not in MACHINE_PARAMETERS and (k not in defaults or defaults[k] != v)}
+        if changed:
+            lines = [f"#   {k} = {v!r}" for k, v in changed.items()]
+            source = source.rstrip("\n") + "\n\n# set by this run's profile:\n" + "\n".join(lines)
+        params[0]["source"] = source
+    nb["cells"] = [c for c in cells if "injected-parameters" not in tags(c)]
+    return nb
 
 
 def build_html(source: Path, output: Path, log: Callable[[str], None] = print) -> Path:

@@ -97,6 +97,9 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     try:
         return _dispatch(args)
+    except KeyboardInterrupt:  # outside a chapter (a chapter's own interruption is a StageInterruptedError)
+        print(f"chexanatomy {args.command}: interrupted", file=sys.stderr)
+        return 130
     except (FileNotFoundError, NotADirectoryError) as e:
         print(f"chexanatomy {args.command}: error: {e}", file=sys.stderr)
         return 2
@@ -105,8 +108,9 @@ def main(argv: list[str] | None = None) -> int:
         # message alone. Anything else is a bug and keeps its traceback.
         if type(e).__module__.startswith("chexanatomy_lib"):
             msg = e.args[0] if isinstance(e, KeyError) and e.args else e
-            print(f"chexanatomy {args.command}: error: {msg}", file=sys.stderr)
-            return 2
+            interrupted = type(e).__name__ == "StageInterruptedError"
+            print(f"chexanatomy {args.command}: {'' if interrupted else 'error: '}{msg}", file=sys.stderr)
+            return 130 if interrupted else 2
         raise
 
 

@@ -51,6 +51,10 @@ class StageFailedError(RuntimeError):
     """A notebook raised while executing; the message names the cell and the error."""
 
 
+class StageInterruptedError(RuntimeError):
+    """A chapter stopped by the user (Ctrl-C); running it again resumes it from its last saved state."""
+
+
 # --------------------------------------------------------------------------- parameters
 
 
@@ -327,6 +331,21 @@ class _UnknownParameterFilter:
         return not str(record.getMessage()).startswith("Passed unknown parameter")
 
 
+def _kernel_manager_logging_to(path: Path):
+    """A kernel manager class whose kernels write their own stderr (ZMQ warnings, the
+    shutdown noise of an interrupted kernel) to ``path`` instead of the terminal; cell
+    outputs are not affected (they travel over ZMQ)."""
+    from jupyter_client.manager import AsyncKernelManager
+
+    class LoggedKernelManager(AsyncKernelManager):
+        async def _async_launch_kernel(self, kernel_cmd, **kw):
+            with open(path, "ab") as log:  # the child keeps its own copy of the descriptor
+                kw["stderr"] = log
+                return await super()._async_launch_kernel(kernel_cmd, **kw)
+
+    return LoggedKernelManager
+
+
 @contextlib.contextmanager
 def _kernel_environment() -> Iterator[None]:
     # NOTE: MPLBACKEND=Agg in the kernel's environment silently drops figures from
@@ -435,6 +454,7 @@ def execute_stage(
                 cwd=str(PROJECT_ROOT),
                 progress_bar=progress,
                 log_output=False,
+                kernel_manager_class=_kernel_manager_logging_to(directory / ".kernel_stderr.log"),
             )
     except pm.PapermillExecutionError as e:
         error = e
@@ -445,9 +465,20 @@ def execute_stage(
     record["wall_time_s"] = round(time.perf_counter() - t0, 2)
     record["finished"] = datetime.now(timezone.utc).isoformat(timespec="seconds")
     if error is not None:
-        record["status"] = "failed"
+        interrupted = isinstance(error, KeyboardInterrupt) or (
+            isinstance(error, pm.PapermillExecutionError) and error.ename == "KeyboardInterrupt")
+        record["status"] = "interrupted" if interrupted else "failed"
         record["error"] = f"{type(error).__name__}: {error}"[:2000]
         (directory / "provenance.json").write_text(json.dumps(record, indent=2, default=str))
+        if interrupted:
+            import logging
+
+            # the client's event loop is left with the dead kernel's pending tasks; their
+            # "exception was never retrieved" reports are expected here, not news
+            logging.getLogger("asyncio").setLevel(logging.CRITICAL)
+            raise StageInterruptedError(
+                f"chapter {stage.name} was interrupted; run the same command again to resume it from its last "
+                f"saved step (its folder: {directory})") from None
         if isinstance(error, pm.PapermillExecutionError):
             raise StageFailedError(
                 f"stage {stage.name} failed in cell {error.exec_count} with {error.ename}: {error.evalue}\n"

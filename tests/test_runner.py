@@ -265,3 +265,43 @@ def test_files_a_stage_reads_count_as_its_inputs(tmp_path):
     assert runner.stage_key(stage, params, {})[0] not in (k0, k1)
     # a stage that reads nothing keeps the key it had before stages could read files
     assert "reads" not in runner.stage_key(STAGES["02_token_codec"], params, {})[1]
+
+
+SLEEPY = '''\
+# %% tags=["parameters"]
+run_dir = "runs/default"  # run directory
+seed = 0  # random seed
+
+# %%
+import time
+for _ in range(600):
+    time.sleep(0.1)
+'''
+
+
+def test_ctrl_c_during_a_chapter_is_one_line_and_marks_it_interrupted(tmp_path):
+    """What a user's Ctrl-C does (SIGINT to the whole foreground process group: the command
+    and its kernel): one line saying the chapter was interrupted and how to resume it."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    nb = tmp_path / "sleepy.py"
+    nb.write_text(SLEEPY)
+    cmd = [sys.executable, "-m", "chexanatomy_lib.cli", "run", str(nb), "--run-dir", str(tmp_path / "runs")]
+    p = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True,
+                         preexec_fn=lambda: signal.signal(signal.SIGINT, signal.SIG_DFL), cwd=runner.PROJECT_ROOT)
+    executed = tmp_path / "runs" / "sleepy" / "sleepy.ipynb"
+    deadline = time.time() + 120
+    while time.time() < deadline and not executed.exists():  # papermill writes it once the kernel runs
+        time.sleep(0.5)
+    time.sleep(3)
+    os.killpg(p.pid, signal.SIGINT)
+    _, err = p.communicate(timeout=120)
+    lines = [x for x in err.replace("\r", "\n").splitlines() if x.strip() and "Executing" not in x]
+    assert p.returncode == 130, err
+    assert lines == [f"chexanatomy run: chapter sleepy was interrupted; run the same command again to resume it "
+                     f"from its last saved step (its folder: {tmp_path / 'runs' / 'sleepy'})"], err
+    assert json.loads((tmp_path / "runs" / "sleepy" / "provenance.json").read_text())["status"] == "interrupted"
