@@ -78,6 +78,15 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--shard", metavar="i/n", help="render only deformed copies k with k %% n == i (0 <= i < n)")
     y.add_argument("--device", help="cpu, cuda or auto (default: the chapter's parameter)")
     y.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    y.add_argument("--executor", choices=("local", "slurm"),
+                   help="render --shards jobs through submitit (SLURM jobs or local processes) and merge them")
+    y.add_argument("--shards", type=int, default=2, help="jobs of --executor (default 2)")
+    y.add_argument("--partition", help="SLURM partition of each job")
+    y.add_argument("--time", type=int, default=60, metavar="MIN", help="time limit of each job (minutes)")
+    y.add_argument("--mem", type=float, default=16.0, metavar="GB", help="memory of each job")
+    y.add_argument("--cpus", type=int, default=4, help="CPU cores of each job")
+    y.add_argument("--gpus", type=int, default=0, help="GPUs of each job (set device with -p device=cuda)")
+    y.add_argument("--log-dir", help="submitit's folder for job logs (default: <out>.jobs)")
 
     j = sub.add_parser("merge-shards", help="merge datasets written by synthesize --shard i/n into one")
     j.add_argument("shards", nargs="+", help="shard dataset folders")
@@ -85,10 +94,10 @@ def _parser() -> argparse.ArgumentParser:
     j.add_argument("--overwrite", action="store_true")
 
     g = sub.add_parser("segment", help="segment structures on any chest radiograph with a trained checkpoint")
-    g.add_argument("image", help="PNG, JPEG or DICOM file")
+    g.add_argument("image", help="PNG, JPEG or DICOM file, or a folder of them (one CSV row per file)")
     g.add_argument("--checkpoint", required=True, help="checkpoint folder (VLM or U-Net) with model_card.json")
     g.add_argument("--structures", required=True, help='e.g. "left lung;heart"')
-    g.add_argument("--out", default="segment_out", help="output folder (masks, overlay, JSON)")
+    g.add_argument("--out", default="segment_out", help="output folder (masks, overlay, JSON; DICOM-SEG for DICOM input)")
     g.add_argument("--device", default="auto")
     return p
 
@@ -183,6 +192,18 @@ def _dispatch(args: argparse.Namespace) -> int:
         manifest = Path(params["manifest"])
         if not manifest.is_absolute() and not manifest.exists():
             manifest = PROJECT_ROOT / manifest  # as the chapter reads it
+        if args.executor:
+            from .cluster import JobResources, synthesize_on_executor
+
+            if args.shard:
+                raise ShardError("--shard renders one shard here; --executor renders them all as jobs: use one")
+            out = synthesize_on_executor(
+                manifest, params, args.out, args.shards, executor=args.executor, log_dir=args.log_dir,
+                overwrite=args.overwrite,
+                resources=JobResources(timeout_min=args.time, mem_gb=args.mem, cpus_per_task=args.cpus,
+                                       gpus_per_node=args.gpus, partition=args.partition))
+            print(f"dataset: {out} ({args.shards} {args.executor} jobs, merged)")
+            return 0
         shard = parse_shard(args.shard) if args.shard else None
         out = synthesize_dataset(load_manifest(manifest), args.out, shard=shard, overwrite=args.overwrite,
                                  **synthesis_arguments(params))

@@ -35,7 +35,8 @@ class RadiographError(ValueError):
         super().__init__(f"{self.path}: {problem}")
 
 
-def _is_dicom(path: Path) -> bool:
+def is_dicom(path: Path) -> bool:
+    """Whether ``path`` is a DICOM file (by its suffix, or its ``DICM`` preamble)."""
     if path.suffix.lower() in (".dcm", ".dicom"):
         return True
     try:
@@ -170,7 +171,7 @@ def read_radiograph(path: str | Path) -> np.ndarray:
         raise RadiographError(p, "file not found")
     if p.is_dir():
         raise RadiographError(p, "is a directory, expected an image file")
-    img = _read_dicom(p) if _is_dicom(p) else _read_pil(p)
+    img = _read_dicom(p) if is_dicom(p) else _read_pil(p)
     if img.size == 0 or min(img.shape) < 2:
         raise RadiographError(p, f"image is empty or degenerate (shape {img.shape})")
     if not np.isfinite(img).all():

@@ -1,4 +1,4 @@
-"""``chexanatomy segment IMAGE --checkpoint DIR --structures "left lung;heart" --out DIR``.
+"""``chexanatomy segment IMAGE_OR_FOLDER --checkpoint DIR --structures "left lung;heart" --out DIR``.
 
 Reads any chest radiograph (PNG, JPEG, DICOM), loads the checkpoint named by
 ``DIR/model_card.json`` (``"kind": "vlm"`` or ``"unet"``), segments the requested
@@ -8,7 +8,16 @@ structures and writes, into the output folder:
 - ``overlay.png``: the radiograph with every mask outlined in colour,
 - ``segmentation.json``: per structure its registry name, box
   (normalised ``ymin, xmin, ymax, xmax``), pixel box, area, and the generated
-  tokens (VLM only).
+  tokens (VLM only),
+- ``segmentation.dcm`` for a DICOM radiograph: a DICOM Segmentation object
+  (:mod:`chexanatomy_lib.dicom_seg`) referencing the source image, one segment per
+  structure with its SNOMED CT code where the registry has one.
+
+Given a folder, every radiograph in it is segmented into ``<out>/<image stem>/`` with
+a progress bar, and ``<out>/segmentation.csv`` gets one row per file: per structure
+its area and pixel box, the cardiothoracic ratio where the heart and both lungs (or
+lung fields) were asked for, and, for a file that could not be read or segmented,
+the reason (the run goes on).
 """
 
 from __future__ import annotations
@@ -109,22 +118,110 @@ def segment_image(image_path: str | Path, segmenter, structures: Sequence[str], 
                  "tokens": tokens, "found": bool(mask.any())}
         record["structures"].append(entry)
     Image.fromarray(overlay_image(image, masks)).save(out / "overlay.png")
+    from .radiograph import is_dicom
+
+    if is_dicom(Path(image_path)):
+        from .dicom_seg import write_dicom_seg
+
+        codes = []
+        for entry in record["structures"]:
+            codes.append(reg.get(entry["structure"]).snomed if entry["structure"] else None)
+        write_dicom_seg(image_path, np.stack(masks), [e["requested"] for e in record["structures"]], codes,
+                        out / "segmentation.dcm",
+                        algorithm=f"CheXanatomy {type(segmenter).__name__.replace('Segmenter', '')}")
+        record["dicom_seg"] = "segmentation.dcm"
     (out / "segmentation.json").write_text(json.dumps(record, indent=2))
     return record
 
 
+#: Files a folder run reads: by suffix, and DICOM files without one.
+RADIOGRAPH_SUFFIXES = (".png", ".jpg", ".jpeg", ".dcm", ".dicom")
+
+
+def folder_images(folder: str | Path) -> list[Path]:
+    """The radiographs of ``folder`` (not recursive), sorted by name: files with a suffix
+    of :data:`RADIOGRAPH_SUFFIXES`, and files without a suffix that start like DICOM."""
+    from .radiograph import is_dicom
+
+    d = Path(folder)
+    return sorted(f for f in d.iterdir() if f.is_file() and not f.name.startswith(".")
+                  and (f.suffix.lower() in RADIOGRAPH_SUFFIXES or (not f.suffix and is_dicom(f))))
+
+
+def _ctr(record: dict, masks: dict[str, np.ndarray]) -> float | None:
+    """The cardiothoracic ratio when the heart and both lungs (or lung fields) were asked for."""
+    from .evaluation.clinical import cardiothoracic_ratio
+
+    by_name = {e["structure"]: masks[e["requested"]] for e in record["structures"] if e["structure"]}
+    for pair in (("lung_field_left", "lung_field_right"), ("lung_left", "lung_right")):
+        if "heart" in by_name and all(p in by_name for p in pair):
+            table = cardiothoracic_ratio(by_name["heart"][None], np.stack([by_name[p] for p in pair])[None])
+            value = float(table["ctr"].iloc[0])
+            return value if np.isfinite(value) else None
+    return None
+
+
+def segment_folder(folder: str | Path, segmenter, structures: Sequence[str], out_dir: str | Path,
+                   progress: bool = True):
+    """Segment every radiograph of ``folder`` into ``out_dir/<stem>/`` and write
+    ``out_dir/segmentation.csv`` (one row per file; see the module docstring). A file
+    that cannot be read or segmented is reported in its row (``status`` "failed",
+    ``error``) and the run goes on. Returns the table (pandas DataFrame)."""
+    import pandas as pd
+    from PIL import Image
+    from tqdm.auto import tqdm
+
+    from .radiograph import RadiographError
+
+    files = folder_images(folder)
+    if not files:
+        raise SegmentError(f"{folder}: no radiographs (PNG, JPEG or DICOM) in this folder")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    rows = []
+    for f in tqdm(files, desc="segmenting", unit="image", disable=not progress):
+        row: dict[str, Any] = {"image": f.name, "status": "ok", "error": ""}
+        target = out / _safe_name(f.stem if f.suffix else f.name)
+        try:
+            record = segment_image(f, segmenter, structures, target)
+        except (RadiographError, SegmentError, OSError, ValueError) as err:
+            rows.append({**row, "status": "failed", "error": str(err)})
+            continue
+        masks = {e["requested"]: np.asarray(Image.open(target / e["mask"])) > 0 for e in record["structures"]}
+        row.update({"output": target.name, "height": record["height"], "width": record["width"]})
+        for e in record["structures"]:
+            key = _safe_name(e["requested"])
+            row[f"{key}_area_px"] = e["area_px"]
+            row[f"{key}_box_px"] = " ".join(map(str, e["box_px"])) if e["box_px"] is not None else ""
+        row["ctr"] = _ctr(record, masks)
+        rows.append(row)
+    table = pd.DataFrame(rows)
+    table.to_csv(out / "segmentation.csv", index=False)
+    return table
+
+
 def main_segment(image_path: str | Path, checkpoint_dir: str | Path, structures: str, out_dir: str | Path,
-                 **opts: Any) -> dict:
-    """Library side of ``chexanatomy segment``: load, segment, write; returns the JSON record.
+                 **opts: Any) -> dict | Any:
+    """Library side of ``chexanatomy segment``: load, segment, write. Returns the JSON record
+    of one image, or the folder's table (see :func:`segment_folder`).
 
     opts: ``device`` ("auto", "cpu", "cuda"), ``constrained`` (VLM grammar, default True).
     """
     names = parse_structures(structures)
-    if not Path(image_path).exists():
-        raise SegmentError(f"{image_path}: image file not found")
+    path = Path(image_path)
+    if not path.exists():
+        raise SegmentError(f"{image_path}: image file or folder not found")
     segmenter = load_segmenter(checkpoint_dir, device=opts.get("device", "auto"),
                                constrained=opts.get("constrained", True))
-    record = segment_image(image_path, segmenter, names, out_dir)
+    if path.is_dir():
+        table = segment_folder(path, segmenter, names, out_dir)
+        failed = table[table["status"] != "ok"]
+        print(f"segmented {len(table) - len(failed)} of {len(table)} radiographs; wrote "
+              f"{Path(out_dir) / 'segmentation.csv'}" + (f" ({len(failed)} failed: see its error column)"
+                                                        if len(failed) else ""))
+        return table
+    record = segment_image(path, segmenter, names, out_dir)
     found = ", ".join(f"{s['requested']} ({s['area_px']} px)" for s in record["structures"])
-    print(f"segmented {found}; wrote {Path(out_dir) / 'overlay.png'} and segmentation.json")
+    extra = " and segmentation.dcm" if record.get("dicom_seg") else ""
+    print(f"segmented {found}; wrote {Path(out_dir) / 'overlay.png'}, segmentation.json{extra}")
     return record

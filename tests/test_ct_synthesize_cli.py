@@ -82,3 +82,24 @@ def test_cli_rejects_a_bad_shard_and_an_unknown_parameter(profile, tmp_path, cap
     assert main(["synthesize", "--profile", str(profile), "--out", str(tmp_path / "x"), "-p", "image_sise=32"]) == 2
     assert "image_sise" in capsys.readouterr().err
     assert not (tmp_path / "x").exists()
+
+
+def test_local_executor_renders_the_shards_as_jobs_and_merges_them(profile, tmp_path, capsys):
+    """chexanatomy synthesize --executor local: two submitit jobs, merged, equal to the
+    unsharded dataset (the SLURM executor submits the same jobs to a cluster)."""
+    assert main(["synthesize", "--profile", str(profile), "--out", str(tmp_path / "jobs"), "--executor", "local",
+                 "--shards", "2", "--cpus", "1", "--mem", "2", "--time", "10"]) == 0
+    assert "2 local jobs, merged" in capsys.readouterr().out
+    merged = ProjectedDataset(tmp_path / "jobs")
+    assert not (tmp_path / "jobs.shards").exists()  # the shard folders are removed once merged
+    params = stage_parameters(STAGES["01_ct_projection"], load_profile(profile))
+    whole = ProjectedDataset(synthesize_dataset(load_manifest(params["manifest"]), tmp_path / "whole",
+                                                progress=False, **synthesis_arguments(params)))
+    assert sorted(whole.index["image_id"]) == sorted(merged.index["image_id"])
+    order = [int(np.flatnonzero(merged.index["image_id"] == i)[0]) for i in whole.index["image_id"]]
+    assert np.array_equal(np.asarray(whole.images), np.asarray(merged.images)[order])
+    assert np.array_equal(whole.masks_for(range(len(whole))), merged.masks_for(order))
+    # a bad request is one line, before any job starts
+    assert main(["synthesize", "--profile", str(profile), "--out", str(tmp_path / "x"), "--executor", "local",
+                 "--shard", "0/2"]) == 2
+    assert "use one" in capsys.readouterr().err

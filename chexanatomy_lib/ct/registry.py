@@ -70,6 +70,7 @@ class Structure:
     minus: tuple[str, ...] = ()  # derived 2D structures: a pixel is left out where its ray crosses any of these
     excluded: bool = False  # dropped from supervision by the paper (fat, discs)
     note: str = ""  # free-text remark from the registry file
+    snomed: tuple[str, str] | None = None  # SNOMED CT (code, meaning) where one exists (DICOM-SEG segment types)
 
     @property
     def is_derived(self) -> bool:
@@ -268,7 +269,7 @@ class Registry:
 def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
     if not isinstance(entry, dict) or "name" not in entry:
         raise RegistryError(f"{source}: entry {index} is not a mapping with a 'name'")
-    allowed = {"name", "display", "synonyms", "category", "ids", "members", "minus", "excluded", "note"}
+    allowed = {"name", "display", "synonyms", "category", "ids", "members", "minus", "excluded", "note", "snomed"}
     extra = set(entry) - allowed
     if extra:
         raise RegistryError(f"{source}: structure {entry['name']!r} has unknown keys {sorted(extra)}")
@@ -279,6 +280,11 @@ def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
     members = entry.get("members") or []
     minus = entry.get("minus") or []
     ids = entry.get("ids") or {}
+    snomed = entry.get("snomed")
+    if snomed is not None and not (isinstance(snomed, list) and len(snomed) == 2
+                                   and str(snomed[0]).isdigit() and isinstance(snomed[1], str)):
+        raise RegistryError(f"{source}: structure {entry['name']!r}: snomed must be [code, meaning], e.g. "
+                            "[\"80891009\", \"Heart\"]")
     if not all(isinstance(v, list) for v in (synonyms, members, minus)) or not isinstance(ids, dict):
         raise RegistryError(f"{source}: structure {entry['name']!r}: synonyms/members/minus must be lists, "
                             "ids a mapping")
@@ -292,6 +298,7 @@ def _structure_from_entry(entry: object, source: Path, index: int) -> Structure:
         minus=tuple(str(m) for m in minus),
         excluded=bool(entry.get("excluded", False)),
         note=str(entry.get("note", "")),
+        snomed=(str(snomed[0]), snomed[1]) if snomed is not None else None,
     )
 
 
