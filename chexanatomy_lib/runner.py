@@ -411,7 +411,12 @@ def execute_stage(
         log(f"[{stage.name}] reused (unchanged parameters and inputs; {old.get('wall_time_s', 0):.0f} s when it ran)")
         return StageResult(stage.name, directory, True, old)
 
-    resume = not force and old is not None and old.get("key") == key and old.get("status") in {"running", "failed"}
+    resume = not force and old is not None and old.get("key") == key and \
+        old.get("status") in {"running", "failed", "interrupted"}
+    if directory.is_symlink() and not resume:
+        raise StageFailedError(
+            f"{directory} links to {directory.resolve()}, whose run of {stage.name} was made with other inputs; a "
+            f"linked stage folder is read, never replaced: run the chapter where it lives, or remove the link")
     if directory.exists() and not resume:
         shutil.rmtree(directory)
     directory.mkdir(parents=True, exist_ok=True)

@@ -305,3 +305,22 @@ def test_ctrl_c_during_a_chapter_is_one_line_and_marks_it_interrupted(tmp_path):
     assert lines == [f"chexanatomy run: chapter sleepy was interrupted; run the same command again to resume it "
                      f"from its last saved step (its folder: {tmp_path / 'runs' / 'sleepy'})"], err
     assert json.loads((tmp_path / "runs" / "sleepy" / "provenance.json").read_text())["status"] == "interrupted"
+
+
+def test_an_interrupted_chapter_resumes_in_its_folder_and_a_linked_one_is_not_replaced(tmp_path, profile):
+    nb = make_toy(tmp_path)
+    (r,) = run_stage(nb, profile, log=lambda m: None, progress=False)
+    prov = json.loads((r.directory / "provenance.json").read_text())
+    (r.directory / "provenance.json").write_text(json.dumps({**prov, "status": "interrupted"}))
+    (r.directory / "saved_state.txt").write_text("what the interrupted run saved")
+    logged = []
+    run_stage(nb, profile, log=logged.append, progress=False)
+    assert any("resuming" in m for m in logged)
+    assert (r.directory / "saved_state.txt").exists()  # kept for the chapter to resume from
+    # a stage folder linked from elsewhere is read, never deleted through the link
+    other = tmp_path / "other_runs"
+    other.mkdir()
+    (other / "toy").symlink_to(r.directory, target_is_directory=True)
+    with pytest.raises(StageFailedError, match="linked stage folder is read, never replaced"):
+        run_stage(nb, profile, run_dir=other, overrides={"n": 9}, log=lambda m: None, progress=False)
+    assert (r.directory / "saved_state.txt").exists()

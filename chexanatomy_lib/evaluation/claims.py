@@ -153,7 +153,7 @@ def evidence_from_metrics(stages: Mapping[str, Mapping[str, Any]], source: str, 
     m6 = stages.get("06_real_radiographs") or {}
     gaps = {}
     for key, val in m6.items():
-        hit = re.fullmatch(r"shape_gap_(.+?)_(.+)_standardised", key)
+        hit = re.fullmatch(r"shape_gap_(.+_(?:left|right))_(.+)_standardised", key)  # side, statistic
         if hit and val is not None and m6.get(f"{key}_lo") is not None:
             gaps[(hit.group(1), hit.group(2))] = _get(m6, key)
     if gaps:
