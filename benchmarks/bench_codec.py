@@ -6,7 +6,8 @@ Two levels are timed, each way:
 
 * the VQ-VAE alone (64x64 soft crops -> 16 codes; 16 codes -> 64x64 map), batched;
 * the whole codec at ``--size`` px (mask -> tight box, crop, antialiased resize,
-  VQ-VAE; and codes -> VQ-VAE decoder, bilinear paste into the box, threshold).
+  VQ-VAE; and codes -> VQ-VAE decoder, bilinear paste into the box, threshold),
+  and its encoding with code search (4 entries per cell, 2 passes; 64 masks).
 
 Widths: ours (chapter 2's default, or the VQ-VAE saved in ``--vqvae``) and the
 official architecture's widths (random weights: speed does not depend on them).
@@ -73,6 +74,11 @@ def bench(model, size: int, batch: int, repeats: int) -> dict:
     res[f"codec_encode_masks_per_s_{size}px"] = rate(lambda: codec.encode(masks), n_full, repeats)
     res[f"codec_decode_masks_per_s_{size}px"] = rate(lambda: codec.decode(boxes, full_codes, size, size),
                                                      n_full, repeats)
+    # encoding with code search (MaskVQVAE.search_codes): 4 entries per cell, 2 passes, on fewer masks
+    n_search = min(n_full, 64)
+    searching = MaskCodec(model, batch_size=256, code_search=4, search_passes=2)
+    res[f"codec_encode_search4_masks_per_s_{size}px"] = rate(lambda: searching.encode(masks[:n_search]), n_search,
+                                                             repeats)
     res["parameters"] = int(sum(p.numel() for p in model.parameters()))
     return res
 
@@ -117,10 +123,12 @@ def main() -> int:
     }
     RECORD.parent.mkdir(parents=True, exist_ok=True)
     RECORD.write_text(json.dumps(record, indent=2, default=str))
-    print(f"{'model':>16} {'VQ enc/s':>9} {'VQ dec/s':>9} {f'enc/s@{args.size}':>11} {f'dec/s@{args.size}':>11}")
+    print(f"{'model':>16} {'VQ enc/s':>9} {'VQ dec/s':>9} {f'enc/s@{args.size}':>11} {f'dec/s@{args.size}':>11} "
+          f"{'enc+search/s':>12}")
     for name, r in results.items():
         print(f"{name:>16} {r['vqvae_encode_masks_per_s']:9.0f} {r['vqvae_decode_masks_per_s']:9.0f} "
-              f"{r[f'codec_encode_masks_per_s_{args.size}px']:11.0f} {r[f'codec_decode_masks_per_s_{args.size}px']:11.0f}")
+              f"{r[f'codec_encode_masks_per_s_{args.size}px']:11.0f} {r[f'codec_decode_masks_per_s_{args.size}px']:11.0f} "
+              f"{r[f'codec_encode_search4_masks_per_s_{args.size}px']:12.0f}")
     print(f"load average (1 min): {load_start:.2f} at start, {os.getloadavg()[0]:.2f} at end; wrote {RECORD}")
     return 0
 

@@ -101,3 +101,46 @@ def test_windowed_crops_equal_full_image_resampling():
     y0, x0, y1, x1 = (torch.round(b[:, k].double() * s).long() for k, s in zip(range(4), (80, 120, 80, 120)))
     ref = torch.bmm(torch.bmm(resize_weights(y0, y1, 80, 64), t.float()), resize_weights(x0, x1, 120, 64).transpose(1, 2))
     torch.testing.assert_close(crop_masks(t, b), ref.clamp(0, 1), rtol=1e-5, atol=1e-5)
+
+
+def test_code_search_never_draws_a_crop_worse_than_the_nearest_codes():
+    from chexanatomy_lib.codec.geometry import masks_to_crops
+    from chexanatomy_lib.codec.vqvae import crop_loss
+
+    torch.manual_seed(1)
+    rng = np.random.default_rng(1)
+    masks = np.zeros((12, 80, 90), bool)
+    yy, xx = np.mgrid[0:80, 0:90]
+    for m in masks:
+        cy, cx, ry, rx = rng.uniform(20, 60), rng.uniform(20, 70), rng.uniform(3, 25), rng.uniform(3, 25)
+        m[((yy - cy) / ry) ** 2 + ((xx - cx) / rx) ** 2 <= 1] = True
+    from chexanatomy_lib.codec import VQVAETrainConfig, train_vqvae
+
+    # a briefly trained model: at initialisation every code decodes to nearly the same map
+    _, train_crops = masks_to_crops(masks, crop="aligned")
+    model, _ = train_vqvae(train_crops, SMALL, VQVAETrainConfig(steps=60, batch_size=12, lr=0.01, dice_weight=1.0,
+                                                               restart_every=10), progress=False)
+    nearest = MaskCodec(model, crop="aligned")
+    searched = MaskCodec(model, crop="aligned", code_search=6, search_passes=2, batch_size=5)
+    boxes, c0 = nearest.encode(masks)
+    boxes_s, c1 = searched.encode(masks)
+    np.testing.assert_array_equal(boxes, boxes_s)  # the search changes codes, never boxes
+    _, crops = masks_to_crops(masks, crop="aligned")
+    crops = torch.from_numpy(crops)
+    loss0 = crop_loss(model.decode(c0), crops)
+    loss1 = crop_loss(model.decode(c1), crops)
+    assert torch.all(loss1 <= loss0 + 1e-6)
+    assert torch.any(loss1 < loss0 - 1e-4)
+    changed = (c0 != c1).any(1)
+    assert torch.all(loss1[torch.from_numpy(changed)] < loss0[torch.from_numpy(changed)])
+    # each chosen code is among the cell's 6 nearest entries
+    with torch.no_grad():
+        z = model.encode_latent(crops).permute(0, 2, 3, 1).reshape(len(crops), 16, -1)
+    dist = torch.cdist(z, model._vq_vae._embedding[None].expand(len(crops), -1, -1))
+    rank = (dist < dist.gather(2, torch.from_numpy(c1)[..., None])).sum(-1)
+    assert int(rank.max()) < 6
+    # no candidates or no passes: the nearest codes
+    np.testing.assert_array_equal(MaskCodec(model, crop="aligned", code_search=6, search_passes=0).encode(masks)[1],
+                                  c0)
+    with pytest.raises(ValueError, match="code_search"):
+        MaskCodec(model, code_search=-1)

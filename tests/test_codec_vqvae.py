@@ -226,3 +226,14 @@ def test_interrupted_codebook_training_resumes_to_the_same_weights(tmp_path):
     a, b = full.state_dict(), resumed.state_dict()
     assert all(torch.equal(a[k], b[k]) for k in a)
     assert rec["code_counts"] == rec_full["code_counts"]
+
+
+def test_decode_in_chunks_equals_the_decoder_on_the_whole_batch():
+    torch.manual_seed(0)
+    model = MaskVQVAE(VQVAEConfig(enc_channels=(8, 16, 32, 64), embedding_dim=32,
+                                  dec_channels=(32, 32, 16, 8, 8))).eval()
+    codes = torch.randint(0, 128, (150, 16))  # more than two chunks, the last one short
+    with torch.no_grad():
+        ref = model.decode_latent(model.embed(codes))
+    torch.testing.assert_close(model.decode(codes, clip=False), ref, rtol=1e-5, atol=1e-6)
+    assert model.decode(codes[:0]).shape == (0, 64, 64)

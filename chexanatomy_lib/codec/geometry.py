@@ -61,7 +61,10 @@ def pixel_edges(masks: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """
     m = masks.bool()
     h, w = m.shape[-2:]
-    rows, cols = m.any(-1), m.any(-2)
+    # NOTE: a max over the bytes of a bool tensor is 3-4x faster on the CPU than
+    # torch's bool any() (the reductions over whole masks are most of encoding's time)
+    u = m.view(torch.uint8)
+    rows, cols = u.amax(-1) > 0, u.amax(-2) > 0
     ar_h = torch.arange(h, device=m.device)
     ar_w = torch.arange(w, device=m.device)
     y0 = torch.where(rows, ar_h, h).amin(-1)
@@ -326,7 +329,8 @@ def paste_maps(maps, boxes, height: int, width: int, produce=None, batch_size: i
     """
     b = torch.as_tensor(np.asarray(boxes, dtype=np.float64) if not isinstance(boxes, torch.Tensor) else boxes)
     b = b.to(torch.float64).reshape(-1, 4)
-    out = torch.zeros((len(b), height, width), dtype=torch.bool)
+    # NOTE: np.zeros takes zeroed pages from the OS lazily; only the boxes' pages are written
+    out = np.zeros((len(b), height, width), dtype=bool)
     y0, x0, y1, x1, ok = pixel_boxes(b, height, width)
     idx = torch.nonzero(ok).flatten()
     idx = idx[torch.argsort(((y1 - y0) * (x1 - x0))[idx], stable=True)]
@@ -344,12 +348,11 @@ def paste_maps(maps, boxes, height: int, width: int, produce=None, batch_size: i
         full = torch.full_like(ys, MASK_SIZE)
         py = resample_weights(zero, full, MASK_SIZE, zero, ye - ys, hb)  # [n, hb, 64]
         px = resample_weights(zero, full, MASK_SIZE, zero, xe - xs, wb)  # [n, wb, 64]
-        win = torch.bmm(torch.bmm(py, m64), px.transpose(1, 2)) > 0  # [n, hb, wb]; zero outside the box
-        win = win.cpu()
-        for k, i in enumerate(sel.tolist()):
-            h_i, w_i = int(ye[k] - ys[k]), int(xe[k] - xs[k])
-            out[i, int(ys[k]):int(ye[k]), int(xs[k]):int(xe[k])] = win[k, :h_i, :w_i]
-    return out.numpy()
+        win = (torch.bmm(torch.bmm(py, m64), px.transpose(1, 2)) > 0).cpu().numpy()  # [n, hb, wb]
+        for k, (i, r0, r1, c0, c1) in enumerate(zip(sel.tolist(), ys.tolist(), ye.tolist(), xs.tolist(),
+                                                    xe.tolist())):
+            out[i, r0:r1, c0:c1] = win[k, :r1 - r0, :c1 - c0]
+    return out
 
 
 # --------------------------------------------------------------------------- whole masks

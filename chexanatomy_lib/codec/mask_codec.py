@@ -20,7 +20,6 @@ import torch
 from .errors import CodecError
 from .geometry import (
     CROP_POLICIES, RESIZE_METHODS, CropPolicy, ResizeMethod, crop_boxes, crop_masks, paste_maps, quantise_boxes,
-    require_present,
 )
 from .tokens import NUM_SEG_TOKENS, box_to_loc_tokens, seg_tokens
 from .vqvae import MaskVQVAE
@@ -37,10 +36,14 @@ class MaskCodec:
     resize: ``"bilinear_aa"`` (soft crops, as big_vision) or ``"nearest"`` (nearest
         neighbour, binary crops: the reference implementation's policy).
     batch_size: masks per internal batch (bounds memory: ``batch * 64 * (H + W)`` floats).
+    code_search: 0 (each grid cell's nearest codebook entry, as big_vision), or the number
+        of nearest entries per cell among which the decoder picks the one it draws the
+        crop best from (:meth:`MaskVQVAE.search_codes`, ``search_passes`` sweeps): a higher
+        round trip at about ``32 * code_search`` decoder passes per mask.
     """
 
     def __init__(self, vqvae: MaskVQVAE, crop: CropPolicy = "tight", resize: ResizeMethod = "bilinear_aa",
-                 pad_px: int = 10, batch_size: int = 256):
+                 pad_px: int = 10, batch_size: int = 256, code_search: int = 0, search_passes: int = 2):
         if crop not in CROP_POLICIES:
             raise ValueError(f"crop must be one of {CROP_POLICIES}; got {crop!r}")
         if resize not in RESIZE_METHODS:
@@ -50,6 +53,10 @@ class MaskCodec:
         self.resize = resize
         self.pad_px = int(pad_px)
         self.batch_size = int(batch_size)
+        if code_search < 0 or search_passes < 0:
+            raise ValueError(f"code_search and search_passes must be >= 0; got {code_search}, {search_passes}")
+        self.code_search = int(code_search)
+        self.search_passes = int(search_passes)
 
     @classmethod
     def ours(cls, directory: str | Path, **kw) -> "MaskCodec":
@@ -91,18 +98,16 @@ class MaskCodec:
         (as :meth:`instance_tokens` does). Raises :class:`CodecError` on an empty mask.
         """
         m = self._as_masks(masks)
-        require_present(m.reshape(len(m), -1).any(1))
         if len(m) == 0:
             return np.zeros((0, 4), np.float32), np.zeros((0, NUM_SEG_TOKENS), np.int64)
-        all_boxes = torch.cat([crop_boxes(m[s:s + self.batch_size], self.crop, self.pad_px)
-                               for s in range(0, len(m), self.batch_size)])
+        all_boxes = crop_boxes(m, self.crop, self.pad_px)  # raises CodecError naming empty masks
         # NOTE: batches of similar box size keep the crop windows small (same result).
         order = torch.argsort((all_boxes[:, 2] - all_boxes[:, 0]) * (all_boxes[:, 3] - all_boxes[:, 1]))
         codes = torch.zeros((len(m), NUM_SEG_TOKENS), dtype=torch.int64)
         for s in range(0, len(m), self.batch_size):
             sel = order[s:s + self.batch_size]
             crops = crop_masks(m[sel], all_boxes[sel], self.crop, self.resize)
-            codes[sel.cpu()] = self.vqvae.encode(crops).cpu()
+            codes[sel.cpu()] = self.vqvae.encode(crops, self.code_search, self.search_passes).cpu()
         return all_boxes.cpu().numpy(), codes.numpy()
 
     def decode(self, boxes: np.ndarray | torch.Tensor, codes: np.ndarray | torch.Tensor,
