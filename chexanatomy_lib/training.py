@@ -2,8 +2,9 @@
 and the few-shot runs.
 
 A model supplies three things: its parameters (the optimiser's groups), its batches
-(a function of the step to start from) and its loss (a function of the model, one
-batch and the step). The loop owns everything else:
+(a function of the step to start from; :func:`prefetch_batches` makes them ahead of
+the step in worker processes) and its loss (a function of the model, one batch and
+the step). The loop owns everything else:
 
 * HF Accelerate: device placement, mixed precision, several processes (``accelerate
   launch`` / torchrun; each process draws its own share of a batch and DDP averages
@@ -153,6 +154,57 @@ def process_share(batch_size: int, accelerator) -> range:
     if batch_size % world:
         raise ValueError(f"batch_size {batch_size} is not divisible by {world} processes")
     return range(accelerator.process_index, batch_size, world)
+
+
+def prefetch_batches(make_batch: Callable[[int], Any], start: int, stop: int, workers: int = 0) -> Iterator[Any]:
+    """``make_batch(step)`` for ``step`` in ``start .. stop - 1``, in step order: a ``batches(start)``
+    for :func:`train_loop` when a batch is a pure function of its step.
+
+    ``workers`` = 0: each batch is made on this process when the loop asks for it.
+    ``workers`` = N > 0: N worker processes (a ``DataLoader`` over the steps; forked, so
+    ``make_batch`` and what it refers to are not pickled) make them, worker ``w`` the steps
+    ``start + w, start + w + N, ...``, each up to two steps ahead, while this process trains
+    on the earlier ones; the batches come back in step order. A worker runs one torch
+    thread and must not touch CUDA (what ``make_batch`` uses stays on the CPU). An error
+    there is raised here (``RuntimeError``, naming the step) when its step comes up.
+    Needs the fork start method (Linux; not Windows).
+    """
+    if workers <= 0:
+        for step in range(start, stop):
+            yield make_batch(step)
+        return
+    import torch
+    from torch.utils.data import DataLoader, IterableDataset, get_worker_info
+
+    class Steps(IterableDataset):
+        def __iter__(self):
+            w = get_worker_info()
+            for step in range(start + w.id, stop, w.num_workers):
+                try:
+                    batch = make_batch(step)
+                except Exception as e:
+                    raise RuntimeError(f"preparing the batch of step {step} failed: {type(e).__name__}: {e}") from e
+                yield step, batch
+
+    # NOTE: the loader's own generator: its worker seeds are otherwise drawn from the global
+    # torch RNG, which would then differ from a run with workers=0 (and be saved with the state).
+    loader = DataLoader(Steps(), batch_size=None, num_workers=workers, prefetch_factor=2,
+                        worker_init_fn=_batch_worker_init, multiprocessing_context="fork",
+                        generator=torch.Generator().manual_seed(0))
+    it = iter(loader)
+    try:
+        for expected, (step, batch) in zip(range(start, stop), it):
+            if step != expected:
+                raise RuntimeError(f"the batch of step {step} was delivered for step {expected}")
+            yield batch
+    finally:
+        it._shutdown_workers()  # now, also when the loop stops early or fails, not when it is collected
+
+
+def _batch_worker_init(worker_id: int) -> None:
+    import torch
+
+    torch.set_num_threads(1)  # N workers beside the training process: one thread each
 
 
 def checkpoint_dirs(checkpoint_dir: str | Path) -> list[Path]:
@@ -333,6 +385,9 @@ def train_loop(
         save()
         bar.close()
         raise
+    finally:
+        if hasattr(source, "close"):
+            source.close()  # a generator's cleanup (e.g. its worker processes) runs now
     bar.close()
     write_log()
     acc.wait_for_everyone()

@@ -100,6 +100,7 @@ mixed_precision = "no"  # "no", "bf16" or "fp16" (GPU)
 gradient_checkpointing = False  # recompute activations in the backward pass (saves GPU memory)
 compile_layers = False  # torch.compile each decoder and vision-encoder layer (GPU: faster steps after ~40 s of compiling)
 save_every = 100  # optimizer steps between saved training states
+batch_workers = 0  # processes preparing training batches ahead of the step (0: the main process; a GPU run wants 2-4)
 resume = True  # continue a run interrupted in this stage's folder
 decode_batch_size = 32  # images per generate call
 loc_rule = "median"  # constrained decoding reads a box coordinate as the "median" or "greedy" (most likely) <loc> bin
@@ -199,7 +200,7 @@ report
 config = TrainConfig(steps=steps, batch_size=batch_size, lr=lr, warmup_steps=warmup_steps, loc_sigma=loc_sigma,
                      loc_weight=loc_weight, mixed_precision=mixed_precision,
                      gradient_checkpointing=gradient_checkpointing, compile_layers=compile_layers,
-                     save_every=save_every, seed=seed, device=device)
+                     save_every=save_every, seed=seed, device=device, batch_workers=batch_workers)
 result = train(vlm, sampler.sample, train_idx, config, out, resume=resume)
 plot_loss(result.log, title=f"{model}: {steps} steps of {batch_size} samples ({result.state.wall_s:.0f} s)")
 plt.show()

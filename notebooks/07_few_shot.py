@@ -63,6 +63,7 @@ unet_batch_size = 4  # images per U-Net step (k when k is smaller)
 unet_lr = 0.01  # peak learning rate of a U-Net run
 augment = 0.5  # probability of a rotated/zoomed/shifted copy per VLM sample (the U-Net uses chapter 4's setting)
 loc_sigma = 24.0  # VLM runs: loc targets spread over this many bins, as in chapter 3
+batch_workers = 0  # VLM runs: processes preparing training batches ahead of the step (0: the main process; a GPU run wants 2-4)
 full_steps = 150  # steps of the fully supervised reference (U-Net from scratch, every eligible training image)
 lesion_images = 48  # radiographs rendered with lesions (PA), split by deformed copy
 nodule_diameter_mm = [12.0, 30.0]  # nodule diameters drawn in this range
@@ -197,7 +198,7 @@ def run_once(task, start, rows, run_seed, where):
         base = anatomy_vlm if start == "anatomy VLM" else control
         return adapt_vlm(base, ds, rows, ss, codec, None, vlm_steps, vlm_batch_size, vlm_lr, run_seed,
                          loc_sigma=loc_sigma, augment=augment,
-                         augment_params=aug_params, device=device)
+                         augment_params=aug_params, device=device, batch_workers=batch_workers)
     return adapt_unet(ds, rows, ss, where, full_steps if start == FULL else unet_steps,
                       unet_batch_size, unet_lr, run_seed, int(unet_card["input_size"]), u_model,
                       init_from=unet_dir / "checkpoint" if start == "U-Net (chapter 4 weights)" else None,

@@ -25,7 +25,8 @@ import numpy as np
 
 def adapt_vlm(base, dataset, rows: Sequence[int], structures: Sequence[str], codec, out_dir: str | Path | None,
               steps: int, batch_size: int, lr: float, seed: int, loc_sigma: float = 0.0, loc_weight: float = 1.0,
-              augment: float = 0.0, augment_params: dict | None = None, device: str = "auto"):
+              augment: float = 0.0, augment_params: dict | None = None, device: str = "auto",
+              batch_workers: int = 0):
     """Fine-tune a copy of ``base`` (a :class:`~chexanatomy_lib.vlm.model.VLM`, left unchanged) to
     segment ``structures`` from dataset ``rows`` (every weight of a randomly initialised
     model, the LoRA adapters of a checkpoint); returns a
@@ -35,7 +36,8 @@ def adapt_vlm(base, dataset, rows: Sequence[int], structures: Sequence[str], cod
     synonyms), with probability ``augment`` a rotated, zoomed and shifted copy of the
     image (``augment_params`` as in :class:`~chexanatomy_lib.vlm.tasks.TaskSampler`).
     ``out_dir``: where the loop saves its state and loss log; None: nothing is saved (a
-    k-shot run is scored and discarded).
+    k-shot run is scored and discarded). ``batch_workers``: processes preparing the batches
+    ahead of the step (:class:`~chexanatomy_lib.vlm.train.TrainConfig`).
     """
     from ..vlm.model import VLM
     from ..vlm.predict import VLMSegmenter
@@ -51,7 +53,8 @@ def adapt_vlm(base, dataset, rows: Sequence[int], structures: Sequence[str], cod
     sampler.prepare(rows)
     config = TrainConfig(steps=int(steps), batch_size=int(batch_size), lr=float(lr),
                          warmup_steps=max(1, int(steps) // 10), loc_sigma=loc_sigma, loc_weight=loc_weight,
-                         seed=int(seed), device=device, log_every=max(1, int(steps) // 10))
+                         seed=int(seed), device=device, log_every=max(1, int(steps) // 10),
+                         batch_workers=int(batch_workers))
     train(vlm, sampler.sample, list(rows), config, out_dir, resume=False, progress=False)
     return VLMSegmenter(vlm, codec, structures=list(structures))
 

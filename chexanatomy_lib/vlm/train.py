@@ -7,6 +7,10 @@ pure functions of (seed, step, slot), so a run interrupted after a checkpoint an
 resumed reproduces the uninterrupted run's weights exactly (same device, same seed).
 On several processes (`accelerate launch`, torchrun) each process takes every
 `num_processes`-th slot of the global batch and gradients are averaged by DDP.
+A batch (samples drawn, augmented and encoded into tokens, then tokenised) is made on
+the training process when the step needs it, or, with `batch_workers` > 0, by that many
+CPU worker processes a few steps ahead while the step runs (the same batches, in the
+same order: the loss log is bit-identical).
 """
 
 from __future__ import annotations
@@ -41,10 +45,13 @@ class TrainConfig:
     seed: int = 0  # data order and augmentation seed
     device: str = "auto"  # "auto" (CUDA if available), "cpu" or "cuda"
     stop_after: int | None = None  # stop after this step (simulates an interruption)
+    batch_workers: int = 0  # processes preparing batches ahead of the step (0: the training process itself)
 
     def __post_init__(self):
         if self.steps <= 0 or self.batch_size <= 0:
             raise ValueError("steps and batch_size must be positive")
+        if self.batch_workers < 0:
+            raise ValueError(f"batch_workers must be >= 0, not {self.batch_workers}")
         if self.mixed_precision not in ("no", "bf16", "fp16"):
             raise ValueError(f"mixed_precision must be 'no', 'bf16' or 'fp16', not {self.mixed_precision!r}")
 
@@ -143,7 +150,7 @@ def batch_slots(step: int, batch_size: int, n: int, seed: int) -> list[int]:
 
 
 # Settings that may differ between an interrupted run and its continuation.
-_RESUME_FREE = ("save_every", "keep_checkpoints", "log_every", "device", "stop_after")
+_RESUME_FREE = ("save_every", "keep_checkpoints", "log_every", "device", "stop_after", "batch_workers")
 
 
 def train(
@@ -163,8 +170,15 @@ def train(
         with the same settings is continued. None: nothing is saved (a short few-shot
         run that is scored and discarded); the loss log is in the returned result.
     Returns the loop's `TrainResult`; `vlm.model` holds the trained weights (eval mode).
+
+    Where batches are made: `sample_fn` and `vlm.processor` run on this process, between
+    steps (`config.batch_workers` = 0), or in `batch_workers` processes forked from this
+    one, a few steps ahead, while this process runs the steps (`training.prefetch_batches`).
+    Workers use one torch thread each and no GPU: `sample_fn` must then keep to the CPU
+    (a codec on the CPU, as `MaskCodec` loads). With several training processes each
+    has its own workers for its own share of the slots.
     """
-    from ..training import LoopConfig, make_accelerator, process_share, train_loop
+    from ..training import LoopConfig, make_accelerator, prefetch_batches, process_share, train_loop
     from .tasks import encode_batch
 
     indices = [int(i) for i in train_indices]
@@ -191,11 +205,13 @@ def train(
     accelerator = make_accelerator(config.device, config.mixed_precision)
     share = process_share(config.batch_size, accelerator)
 
+    def make_batch(step: int) -> dict:  # this process's share of global batch `step`
+        slots = batch_slots(step, config.batch_size, len(indices), config.seed)
+        samples = [sample_fn(indices[slots[j]], np.random.default_rng([config.seed, step, j, 7])) for j in share]
+        return encode_batch(vlm.processor, samples, train=True)
+
     def batches(start: int):
-        for step in range(start, config.steps):
-            slots = batch_slots(step, config.batch_size, len(indices), config.seed)
-            samples = [sample_fn(indices[slots[j]], np.random.default_rng([config.seed, step, j, 7])) for j in share]
-            yield encode_batch(vlm.processor, samples, train=True)
+        return prefetch_batches(make_batch, start, config.steps, config.batch_workers)
 
     def loss_fn(prepared, batch: dict, step: int):
         labels = batch.pop("labels")
