@@ -6,7 +6,7 @@
     chexanatomy params NOTEBOOK [--profile P]
     chexanatomy record STAGE_DIR --name NAME [--figure F ...] [--note TEXT]
     chexanatomy manifest ROOT --out data_manifests/NAME.yaml
-    chexanatomy synthesize --out DIR [--profile P] [-p key=value ...] [--shard i/n] [--device D]
+    chexanatomy synthesize --out DIR [--profile P] [-p key=value ...] [--shard i/n] [--device D] [--prefetch N]
     chexanatomy merge-shards DIR_0 DIR_1 ... --out DIR
     chexanatomy segment IMAGE --checkpoint DIR --structures "left lung;heart" [--out DIR]
 
@@ -78,6 +78,10 @@ def _parser() -> argparse.ArgumentParser:
     y.add_argument("--shard", metavar="i/n", help="render only deformed copies k with k %% n == i (0 <= i < n)")
     y.add_argument("--device", help="cpu, cuda or auto (default: the chapter's parameter)")
     y.add_argument("--overwrite", action="store_true", help="replace an existing dataset folder")
+    y.add_argument("--prefetch", type=_count, metavar="N",
+                   help="deformed copies whose CT and working volume a background thread prepares while one "
+                        "renders, the writing also in a thread of its own (default 1; 0: one step after "
+                        "another); the dataset is the same either way. Not with --executor (its jobs use 1)")
     y.add_argument("--executor", choices=("local", "slurm"),
                    help="render --shards jobs through submitit (SLURM jobs or local processes) and merge them")
     y.add_argument("--shards", type=int, default=2, help="jobs of --executor (default 2)")
@@ -197,6 +201,8 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             if args.shard:
                 raise ShardError("--shard renders one shard here; --executor renders them all as jobs: use one")
+            if args.prefetch not in (None, 1):
+                raise ShardError("--prefetch applies to a render here; the jobs of --executor use prefetch 1")
             out = synthesize_on_executor(
                 manifest, params, args.out, args.shards, executor=args.executor, log_dir=args.log_dir,
                 overwrite=args.overwrite,
@@ -206,6 +212,7 @@ def _dispatch(args: argparse.Namespace) -> int:
             return 0
         shard = parse_shard(args.shard) if args.shard else None
         out = synthesize_dataset(load_manifest(manifest), args.out, shard=shard, overwrite=args.overwrite,
+                                 prefetch=1 if args.prefetch is None else args.prefetch,
                                  **synthesis_arguments(params))
         print(f"dataset: {out}" + (f" (shard {shard[0]}/{shard[1]})" if shard else ""))
     elif args.command == "merge-shards":
@@ -218,6 +225,17 @@ def _dispatch(args: argparse.Namespace) -> int:
 
         main_segment(args.image, args.checkpoint, args.structures, args.out, device=args.device)
     return 0
+
+
+def _count(text: str) -> int:
+    """An integer >= 0 for argparse (anything else: a usage error that says so)."""
+    try:
+        n = int(text)
+    except ValueError:
+        n = -1
+    if n < 0:
+        raise argparse.ArgumentTypeError(f"expected an integer >= 0, got {text!r}")
+    return n
 
 
 def parse_shard(text: str) -> tuple[int, int]:

@@ -18,9 +18,12 @@ the image border or the collimator's edge), so scores can leave out partial targ
 
 from __future__ import annotations
 
+import contextlib
+import queue
+import threading
 from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
-from typing import Any, NamedTuple, Sequence
+from typing import Any, Callable, ContextManager, Iterator, NamedTuple, Sequence
 
 import numpy as np
 
@@ -284,6 +287,167 @@ def image_jobs(case_ids: Sequence[str], n_copies: int, poses_per_copy: int, view
     return jobs
 
 
+#: seconds a waiting thread sleeps between looks at whether the others failed or stopped
+_POLL_S = 0.1
+#: seconds the main thread waits, after an error or Ctrl-C, for the preparation thread
+_JOIN_PREPARATION_S = 0.5
+
+
+class _Prefetch:
+    """``(job, prepare(job))`` for each job, in order, as a context manager's iterator.
+
+    ``ahead`` 0: each job is prepared on the calling thread when it is taken. ``ahead``
+    >= 1: a background thread prepares jobs in order, at most ``ahead`` beyond the one
+    taken last (which the caller is busy with), inside ``thread_context()``. An exception
+    in that thread is raised again, the same object, on the calling thread when its job
+    is taken; jobs before it come out first, as without the thread.
+    """
+
+    def __init__(self, jobs: Sequence[Any], prepare: Callable[[Any], Any], ahead: int,
+                 thread_context: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.jobs, self.prepare, self.ahead = list(jobs), prepare, int(ahead)
+        self._done: queue.Queue = queue.Queue()  # (job, result, error), in job order
+        self._slots = threading.Semaphore(max(self.ahead, 1))  # one per job prepared and not yet taken
+        self._stop = threading.Event()
+        self._context = thread_context
+        self._thread = threading.Thread(target=self._run, name="synthesis-prepare", daemon=True)
+
+    def __enter__(self) -> "_Prefetch":
+        if self.ahead:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        self._stop.set()
+        if self._thread.is_alive():
+            # NOTE: after an error or Ctrl-C the preparation thread is not waited for longer
+            # than this: it may be in the middle of reading a CT (seconds), it writes nothing,
+            # and it ends at its next look at the stop flag, its result discarded. It is a
+            # daemon thread, so it never holds the process open.
+            self._thread.join(None if exc_type is None else _JOIN_PREPARATION_S)
+
+    def _run(self) -> None:
+        try:
+            with self._context():
+                for job in self.jobs:
+                    while not self._slots.acquire(timeout=_POLL_S):
+                        if self._stop.is_set():
+                            return
+                    if self._stop.is_set():
+                        return
+                    self._done.put((job, self.prepare(job), None))
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread, raised there
+            self._done.put((None, None, err))
+
+    def __iter__(self) -> Iterator[tuple[Any, Any]]:
+        if not self.ahead:
+            for job in self.jobs:
+                yield job, self.prepare(job)
+            return
+        for _ in self.jobs:
+            job, result, err = self._take()
+            if err is not None:
+                raise err
+            self._slots.release()
+            yield job, result
+
+    def _take(self) -> tuple:
+        while True:  # a timed wait, so that Ctrl-C is seen at once
+            try:
+                return self._done.get(timeout=_POLL_S)
+            except queue.Empty:
+                if not self._thread.is_alive():
+                    try:
+                        return self._done.get_nowait()
+                    except queue.Empty:
+                        raise RuntimeError("the synthesis preparation thread ended early") from None
+
+
+class _BackgroundWriter:
+    """Calls ``write(*item)`` for each :meth:`put` item, in order, as a context manager.
+
+    ``depth`` 0: on the calling thread, at once. ``depth`` >= 1: on a background thread
+    (inside ``thread_context()``) fed by a queue of at most ``depth`` items; :meth:`put`
+    waits while it is full. An exception in that thread is raised again, the same object,
+    by the next :meth:`put` or by :meth:`finish`. Leaving the ``with`` block normally
+    waits for every item (:meth:`finish`); on an exception it stops the thread after the
+    item it is writing, drops the rest and waits for it, so that nothing is written
+    after the block.
+    """
+
+    _END = object()
+
+    def __init__(self, write: Callable[..., None], depth: int,
+                 thread_context: Callable[[], ContextManager] = contextlib.nullcontext):
+        self.write, self.depth = write, int(depth)
+        self._items: queue.Queue = queue.Queue(maxsize=max(self.depth, 1))
+        self._stop = threading.Event()
+        self._error: BaseException | None = None
+        self._finished = False
+        self._context = thread_context
+        self._thread = threading.Thread(target=self._run, name="synthesis-write", daemon=True)
+
+    def __enter__(self) -> "_BackgroundWriter":
+        if self.depth:
+            self._thread.start()
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        try:
+            if exc_type is None:
+                self.finish()
+        finally:
+            self._stop.set()
+            if self._thread.is_alive():
+                self._thread.join()
+
+    def _run(self) -> None:
+        try:
+            with self._context():
+                while not self._stop.is_set():
+                    try:
+                        item = self._items.get(timeout=_POLL_S)
+                    except queue.Empty:
+                        continue
+                    if item is self._END:
+                        return
+                    self.write(*item)
+        except BaseException as err:  # noqa: BLE001 -- handed to the main thread, raised there
+            self._error = err
+
+    def _raise_failure(self) -> None:
+        if self._error is not None:
+            raise self._error
+        if not self._thread.is_alive():
+            raise RuntimeError("the synthesis writer thread ended early")
+
+    def put(self, *item: Any) -> None:
+        if not self.depth:
+            self.write(*item)
+        else:
+            self._enqueue(item)
+
+    def _enqueue(self, item: Any) -> None:
+        while True:  # a timed wait, so that Ctrl-C and the writer's failure are seen at once
+            self._raise_failure()
+            try:
+                self._items.put(item, timeout=_POLL_S)
+                return
+            except queue.Full:
+                pass
+
+    def finish(self) -> None:
+        """Wait until every item is written; raises the writer thread's exception, if any."""
+        if not self.depth or self._finished:
+            return
+        self._enqueue(self._END)
+        while self._thread.is_alive():
+            self._thread.join(_POLL_S)
+        self._finished = True
+        if self._error is not None:
+            raise self._error
+
+
 def synthesize_dataset(
     cases: Sequence[Any],  # CTCase objects or manifest CaseSpecs (loaded one at a time)
     out_path: str | Path,  # dataset folder to write (must not exist unless overwrite)
@@ -305,6 +469,7 @@ def synthesize_dataset(
     threads: int | None = 1,  # torch threads while rendering (None: leave as is); scale out with shards
     device: str = "cpu",  # "cpu", "cuda" or "auto": where copies are resampled and rays traced
     batch_images: int | None = None,  # images traced together (None: 1 on the CPU, 32 on a GPU)
+    prefetch: int = 1,  # copies prepared ahead in a background thread while one renders (0: one step after another)
 ) -> Path:
     """Render a projected dataset from CT cases; returns ``out_path``.
 
@@ -314,6 +479,26 @@ def synthesize_dataset(
     batches; masks are the same as on the CPU (up to rays whose path length
     lies within rounding of the threshold), the Poisson noise is a different
     draw of the same distribution (see :class:`~chexanatomy_lib.ct.detector.DetectorModel`).
+
+    With ``prefetch`` >= 1 three steps overlap: a preparation thread reads the
+    next case's CT when the case changes (:class:`~chexanatomy_lib.ct.cohort.SourceCT`)
+    and resamples the working volumes of the next ``prefetch`` copies
+    (:func:`~chexanatomy_lib.ct.cohort.make_working_volume`) while the calling
+    thread renders the current copy, and a writer thread packs the masks and
+    appends each rendered batch to the dataset, in order, from a queue of at most
+    two batches. The dataset is the same, byte for byte, as with ``prefetch=0``
+    (every step does the same arithmetic; the noise is seeded per image). An
+    exception in either thread is raised again on the calling thread, and, as on
+    any failure, nothing is left at ``out_path``.
+
+    NOTE: torch's intra-op thread count is not per Python thread (set in one, it
+    shows in the others; checked with torch 2.13 and OpenMP), so the background
+    threads run with the count the rendering sets (``threads``): with
+    ``prefetch`` >= 1 a process keeps up to twice ``threads`` cores busy on the
+    CPU (the writer mostly waits on the disk), one core for the preparation
+    beside one for the rendering by default. Count that when running shards
+    side by side. On a GPU the preparation resamples on a CUDA stream of its
+    own, so its kernels can run beside the rendering's.
     """
     from tqdm.auto import tqdm
 
@@ -325,6 +510,9 @@ def synthesize_dataset(
         raise ValueError(f"views must be distinct values among {VIEWS}, got {views}")
     if n_copies < 1 or poses_per_copy < 1:
         raise ValueError("n_copies and poses_per_copy must be >= 1")
+    if isinstance(prefetch, bool) or not isinstance(prefetch, (int, np.integer)) or prefetch < 0:
+        raise ValueError(f"prefetch must be an integer >= 0, got {prefetch!r}")
+    prefetch = int(prefetch)
     if shard is not None:
         i, n = shard
         if not (isinstance(i, int) and isinstance(n, int) and 0 <= i < n):
@@ -382,33 +570,114 @@ def synthesize_dataset(
     batch = int(batch_images) if batch_images else (1 if dev == "cpu" else 32)
     if batch < 1:
         raise ValueError(f"batch_images must be >= 1, got {batch_images}")
+    streams = _CudaStreams(prefetch > 0) if dev == "cuda" else None
+    source: SourceCT | None = None  # the case being prepared (the preparation thread's alone)
+    groups: list[LabelGroup] = []
 
-    with torch_threads(threads), DatasetWriter(out_path, names, settings.image_size, meta, splits=splits, overwrite=overwrite) as writer:
-        bar = tqdm(total=n_images, desc="DRR + masks", disable=not progress, mininterval=10.0)
-        source: SourceCT | None = None
-        for copy, rows in jobs:
-            if source is None or source.case_id != copy.case_id:
-                case = loaded.get(copy.case_id) or _case_of(next(c for c in cases if str(c.case_id) == copy.case_id))
-                source = SourceCT.from_case(case, settings.mu_water)
-                groups = label_groups(names, source.label_ids)
+    def prepare(copy: CopySpec) -> tuple[WorkingVolume, list[LabelGroup], Any]:
+        """One copy's working volume and its case's label groups, and what the rendering must wait for."""
+        nonlocal source, groups
+        if source is None or source.case_id != copy.case_id:
+            case = loaded.get(copy.case_id) or _case_of(next(c for c in cases if str(c.case_id) == copy.case_id))
+            source = SourceCT.from_case(case, settings.mu_water)
+            groups = label_groups(names, source.label_ids)
+        with streams.preparing() if streams else contextlib.nullcontext():
             volume = make_working_volume(source, settings.working_spacing_mm, copy,
                                          device=None if dev == "cpu" else dev,
                                          centre_on=centre_labels(settings, source.label_ids))
+            ready = streams.ready() if streams else None
+        return volume, groups, ready
+
+    def write(part: list[dict], images, masks, absent: np.ndarray, truncated: np.ndarray) -> None:
+        """Pack one rendered batch's masks, copy it to the host and append its rows."""
+        images, packed = images.cpu().numpy(), pack_masks(masks).cpu().numpy()
+        for k, row in enumerate(part):
+            split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
+            writer.add_packed(images[k], packed[k], absent[k], truncated[k], {**row, "split": split})
+
+    # Left in reverse order: the writer thread is stopped and waited for, then the
+    # preparation thread is told to stop, then DatasetWriter closes the dataset or, on an
+    # exception (a background thread's too, raised again here), deletes what it wrote.
+    # NOTE: two batches queued for the writer: the rendering runs on while one is
+    # written, and on a GPU at most about two batches of masks wait in its memory.
+    with (torch_threads(threads),
+          DatasetWriter(out_path, names, settings.image_size, meta, splits=splits, overwrite=overwrite) as writer,
+          _Prefetch(jobs, lambda job: prepare(job[0]), prefetch,
+                    streams.preparation_context if streams else contextlib.nullcontext) as prepared,
+          _BackgroundWriter(write, 2 if prefetch else 0,
+                            streams.rendering_context if streams else contextlib.nullcontext) as written):
+        bar = tqdm(total=n_images, desc="DRR + masks", disable=not progress, mininterval=10.0)
+        for (copy, rows), (volume, groups_of_copy, ready) in prepared:
+            if streams:
+                streams.wait_for(ready, volume)
             marcher = RayMarcher(volume.mu, volume.labels, volume.affine, len(volume.label_ids), settings.step_mm,
                                  device=dev, compile=dev == "cuda")
             for a in range(0, len(rows), batch):
                 part = rows[a:a + batch]
                 poses = [PatientPose(**{k: row[k] for k in POSE_COLUMNS}) for row in part]
                 images, masks, absent, truncated = render_views(
-                    volume, [row["view"] for row in part], poses, settings, groups,
+                    volume, [row["view"] for row in part], poses, settings, groups_of_copy,
                     [row["noise_seed"] for row in part], marcher, to_numpy=False)
-                images, packed = images.cpu().numpy(), pack_masks(masks).cpu().numpy()
-                for k, row in enumerate(part):
-                    split = split_of[row["case_id"] if unit == "case" else row["copy_id"]]
-                    writer.add_packed(images[k], packed[k], absent[k], truncated[k], {**row, "split": split})
+                written.put(part, images, masks, absent, truncated)
                 bar.update(len(part))
+            del volume, marcher  # dropped before the next copy is taken (or, without prefetch, made)
+        written.finish()
         bar.close()
     return Path(out_path)
+
+
+class _CudaStreams:
+    """How :func:`synthesize_dataset`'s threads share a GPU.
+
+    The rendering and the writer use the stream current where the synthesis was
+    called (the writer so that its copies follow the kernels that made the
+    tensors). With ``side`` the preparation resamples on a stream of its own;
+    the rendering's stream waits for each volume's event before it reads the
+    volume, and the volume's memory is recorded as used by the rendering's
+    stream, so the allocator reuses it only once that stream is past it.
+    Without ``side`` everything runs on the rendering's stream, as before.
+    """
+
+    def __init__(self, side: bool):
+        import torch
+
+        self.rendering = torch.cuda.current_stream()
+        self.side = torch.cuda.Stream(device=self.rendering.device) if side else None
+
+    def preparing(self) -> ContextManager:
+        import torch
+
+        return torch.cuda.stream(self.side) if self.side is not None else contextlib.nullcontext()
+
+    def ready(self) -> Any:
+        """An event recorded on the preparation's stream (None without one)."""
+        import torch
+
+        if self.side is None:
+            return None
+        event = torch.cuda.Event()
+        event.record(self.side)
+        return event
+
+    def wait_for(self, ready: Any, volume: WorkingVolume) -> None:
+        """Make the rendering's stream wait for ``ready`` and own ``volume``'s memory too."""
+        if ready is None:
+            return
+        self.rendering.wait_event(ready)
+        for t in (volume.mu, volume.labels):
+            t.record_stream(self.rendering)
+
+    def preparation_context(self) -> ContextManager:
+        """Entered once by the preparation thread (its current device: the rendering's)."""
+        import torch
+
+        return torch.cuda.device(self.rendering.device)
+
+    def rendering_context(self) -> ContextManager:
+        """Entered once by the writer thread: the rendering's device and stream."""
+        import torch
+
+        return torch.cuda.stream(self.rendering)
 
 
 def geometry_meta(settings: RenderSettings, views: Sequence[str]) -> dict[str, Any]:
