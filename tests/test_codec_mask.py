@@ -144,3 +144,31 @@ def test_code_search_never_draws_a_crop_worse_than_the_nearest_codes():
                                   c0)
     with pytest.raises(ValueError, match="code_search"):
         MaskCodec(model, code_search=-1)
+
+
+@pytest.mark.parametrize("src_len,dst_len,dst_start", [(64, 64, 0), (64, 65, 3), (64, 200, 0), (64, 447, 1),
+                                                       (10, 31, 5)])
+def test_two_tap_weights_equal_the_triangle_filter_when_enlarging(src_len, dst_len, dst_start):
+    n, dst_size, src_size = 3, dst_start + dst_len + 4, src_len + 2
+    s0, s1 = torch.full((n,), 1), torch.full((n,), 1 + src_len)
+    d0, d1 = torch.full((n,), dst_start), torch.full((n,), dst_start + dst_len)
+    fast = resample_weights(s0, s1, src_size, d0, d1, dst_size)
+    # the general formula, written out
+    scale = src_len / dst_len
+    d = torch.arange(dst_size, dtype=torch.float32)
+    centre = (d - dst_start + 0.5) * scale
+    pos = torch.arange(src_size, dtype=torch.float32) + 0.5 - 1
+    w = torch.clamp(1.0 - (pos[None] - centre[:, None]).abs(), min=0.0)
+    w = w * ((pos >= 0) & (pos < src_len))[None] * ((d >= dst_start) & (d < dst_start + dst_len))[:, None]
+    w = w / torch.where(w.sum(-1, keepdim=True) > 0, w.sum(-1, keepdim=True), torch.ones(1))
+    torch.testing.assert_close(fast, w.expand(n, -1, -1), rtol=1e-5, atol=1e-6)
+
+
+def test_resample_weights_of_a_batch_mixing_enlarged_and_shrunk_spans_equal_each_alone():
+    starts, stops = torch.tensor([0, 0, 0, 0]), torch.tensor([64, 64, 64, 64])
+    d0, d1 = torch.tensor([2, 0, 1, 0]), torch.tensor([30, 200, 100, 64])  # shrink, enlarge, enlarge, same
+    batch = resample_weights(starts, stops, 64, d0, d1, 210)
+    for k in range(4):
+        alone = resample_weights(starts[k:k + 1], stops[k:k + 1], 64, d0[k:k + 1], d1[k:k + 1], 210)
+        torch.testing.assert_close(batch[k:k + 1], alone, rtol=1e-6, atol=1e-7)
+    assert torch.allclose(batch.sum(-1)[0, 2:30], torch.ones(28))  # each inside row's weights sum to 1

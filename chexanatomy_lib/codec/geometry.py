@@ -258,34 +258,82 @@ def resample_weights(src_start: torch.Tensor, src_stop: torch.Tensor, src_size: 
     # centre of each destination sample, in source samples from the source span's start
     centre = (d[None, :] - dst_start[:, None].to(torch.float32) + 0.5) * scale[:, None]  # [N, dst]
     if method == "bilinear_aa":
-        pos = s[None, None, :] + 0.5 - src_start[:, None, None].to(torch.float32)  # [N, 1, src]
-        support = torch.clamp(scale, min=1.0)[:, None, None]
-        w = torch.clamp(1.0 - (pos - centre[:, :, None]).abs() / support, min=0.0)
-        w = w * src_inside[:, None, :] * dst_inside[:, :, None]
-        total = w.sum(-1, keepdim=True)
-        return w / torch.where(total > 0, total, torch.ones_like(total))
+        enlarging = scale <= 1.0
+        if bool(enlarging.all()):
+            return _two_tap_weights(centre, src_start, src_len.long(), dst_inside, src_size)
+        if not bool(enlarging.any()):
+            return _triangle_weights(centre, scale, src_start, src_inside, dst_inside, s)
+        # NOTE: rows that enlarge (support 1) take the two-tap form, the others the general one
+        out = torch.empty((len(scale), dst_size, src_size), dtype=torch.float32, device=device)
+        up = enlarging
+        out[up] = _two_tap_weights(centre[up], src_start[up], src_len[up].long(), dst_inside[up], src_size)
+        out[~up] = _triangle_weights(centre[~up], scale[~up], src_start[~up], src_inside[~up], dst_inside[~up], s)
+        return out
     if method == "nearest":
         src = torch.minimum(torch.floor(centre), src_len[:, None] - 1) + src_start[:, None].to(torch.float32)
         return ((s[None, None, :] == src[:, :, None]) & dst_inside[:, :, None]).to(torch.float32)
     raise ValueError(f"unknown resize method {method!r}; use one of {RESIZE_METHODS}")
 
 
+def _triangle_weights(centre: torch.Tensor, scale: torch.Tensor, src_start: torch.Tensor, src_inside: torch.Tensor,
+                      dst_inside: torch.Tensor, s: torch.Tensor) -> torch.Tensor:
+    """:func:`resample_weights`' triangle filter, support ``max(scale, 1)``, as one
+    ``[N, dst, src]`` array (``s``: the source sample indices, float [src])."""
+    pos = s[None, None, :] + 0.5 - src_start[:, None, None].to(torch.float32)  # [N, 1, src]
+    support = torch.clamp(scale, min=1.0)[:, None, None]
+    w = torch.clamp(1.0 - (pos - centre[:, :, None]).abs() / support, min=0.0)
+    w = w * src_inside[:, None, :] * dst_inside[:, :, None]
+    total = w.sum(-1, keepdim=True)
+    return w / torch.where(total > 0, total, torch.ones_like(total))
+
+
+def _two_tap_weights(centre: torch.Tensor, src_start: torch.Tensor, src_len: torch.Tensor,
+                     dst_inside: torch.Tensor, src_size: int) -> torch.Tensor:
+    """:func:`resample_weights`' triangle filter when no row shrinks (support 1): each
+    destination sample weighs the two source samples either side of its centre
+    (``centre`` float [N, dst], in source samples from the span's start), renormalised
+    where one of them lies outside the span. The same weights as the general formula
+    (``tests/test_codec_mask.py``) without its ``[N, dst, src]`` arithmetic: pasting
+    64x64 maps into boxes larger than 64 pixels, the decoder's common case, is two
+    scatters instead of a dozen passes over that array."""
+    c = centre - 0.5
+    i0 = torch.floor(c)
+    f = c - i0
+    i0 = i0.long()
+    length = src_len[:, None]
+    w0 = torch.where(i0 >= 0, 1.0 - f, torch.zeros_like(f))
+    w1 = torch.where(i0 + 1 < length, f, torch.zeros_like(f))
+    total = w0 + w1
+    total = torch.where(total > 0, total, torch.ones_like(total))
+    keep = dst_inside.to(torch.float32)
+    start = src_start[:, None]
+    out = torch.zeros((*centre.shape, src_size), dtype=torch.float32, device=centre.device)
+    out.scatter_add_(2, (start + i0.clamp(0, None).minimum(length - 1))[..., None], (w0 / total * keep)[..., None])
+    out.scatter_add_(2, (start + (i0 + 1).clamp(0, None).minimum(length - 1))[..., None],
+                     (w1 / total * keep)[..., None])
+    return out
+
+
 def crop_masks(masks: torch.Tensor, boxes: torch.Tensor, crop: CropPolicy = "tight",
-               resize: ResizeMethod = "bilinear_aa") -> torch.Tensor:
+               resize: ResizeMethod = "bilinear_aa", index: torch.Tensor | None = None) -> torch.Tensor:
     """Masks bool [N, H, W] and their encoding boxes (normalised float [N, 4]) -> the 64x64
     VQ-VAE inputs float32 [N, 64, 64] in [0, 1], on the masks' device.
 
     Each mask's window (:func:`crop_windows`) is resampled to 64x64; the work is done
-    on the window of the batch's largest box, not on the whole image.
+    on the window of the batch's largest box, not on the whole image. ``index`` (int64
+    [n]): crop only these masks (``boxes`` then holds their n boxes), without copying
+    them out first.
     """
-    n, h, w = masks.shape
+    _, h, w = masks.shape
+    rows_of = torch.arange(len(masks), device=masks.device) if index is None else index.to(masks.device)
+    n = len(rows_of)
     b = torch.as_tensor(boxes, device=masks.device, dtype=torch.float32)
     y0, x0, y1, x1 = crop_windows(b, h, w, crop)
     hb = int((y1 - y0).max()) if n else 1
     wb = int((x1 - x0).max()) if n else 1
     rows = (y0[:, None] + torch.arange(hb, device=masks.device)).clamp(max=h - 1)  # [N, hb]
     cols = (x0[:, None] + torch.arange(wb, device=masks.device)).clamp(max=w - 1)  # [N, wb]
-    win = masks[torch.arange(n, device=masks.device)[:, None], rows]  # [N, hb, W]
+    win = masks[rows_of[:, None], rows]  # [N, hb, W]
     win = torch.gather(win, 2, cols[:, None, :].expand(n, hb, wb)).to(torch.float32)  # [N, hb, wb]
     zero = torch.zeros_like(y0)
     full = torch.full_like(y0, MASK_SIZE)

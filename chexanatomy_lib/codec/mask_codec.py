@@ -106,7 +106,7 @@ class MaskCodec:
         codes = torch.zeros((len(m), NUM_SEG_TOKENS), dtype=torch.int64)
         for s in range(0, len(m), self.batch_size):
             sel = order[s:s + self.batch_size]
-            crops = crop_masks(m[sel], all_boxes[sel], self.crop, self.resize)
+            crops = crop_masks(m, all_boxes[sel], self.crop, self.resize, index=sel)
             codes[sel.cpu()] = self.vqvae.encode(crops, self.code_search, self.search_passes).cpu()
         return all_boxes.cpu().numpy(), codes.numpy()
 
