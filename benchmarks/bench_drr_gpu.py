@@ -21,7 +21,14 @@ Measured, each after a warm-up:
   copies, ``--poses`` poses per copy and view): CT preparation, resampling of
   every copy, rendering, packing and writing the dataset to disk;
 * agreement: masks of the same rows rendered on the CPU (``layout="rays"``) and
-  on the GPU, as the fraction of equal pixels and the lung and heart Dice.
+  on the GPU, as the fraction of equal pixels and the lung and heart Dice;
+* peer (``peers.nanodrr``), when ``import nanodrr`` works: nanodrr's fused Triton
+  kernel on the same card, CT and detector (nominal PA and left lateral
+  alternating, SOD 1650 mm, its camera set up as in ``bench_drr.py``),
+  ``--nanodrr-samples`` samples per ray, batches of ``--nanodrr-batches``: DRR only
+  (one channel) at 200 and 256 px, and DRR + label channels (a second render of a
+  volume of ones with the labelmap: path lengths per label id, not thresholded)
+  at 256 px. ``"not installed"`` when it does not import.
 
 Writes ``records/benchmarks/drr_gpu_<device>.json`` (and ``$OUT`` when set).
 """
@@ -90,6 +97,68 @@ def _dice(a: np.ndarray, b: np.ndarray) -> float:
     return float(2 * (a & b).sum() / s) if s else 1.0
 
 
+def _nanodrr_render(drr, subjects, rt_inv: torch.Tensor, n_samples: int, backend: str) -> list[torch.Tensor]:
+    """Render each nanodrr subject for the poses ``rt_inv`` ``[B, 4, 4]``: ``[B, C, H, W]``
+    per subject (C = 1 without a labelmap)."""
+    with torch.no_grad():
+        return [drr(subject, rt_inv, n_samples=n_samples, backend=backend) for subject in subjects]
+
+
+def nanodrr_peer(case, batches: list[int], repeats: int, n_samples: int, drr_sizes=(200, 256),
+                 labels_size: int = 256, device: str = "cuda", backend: str = "triton") -> dict | str:
+    """nanodrr on this card (its fused Triton kernel), or ``"not installed"`` when it does
+    not import.
+
+    Per mode (``"drr"``: one DRR render; ``"drr+labels"``: that and a labelmap render of a
+    volume of ones), image size and batch: images/s and ``peak_gpu_gb``, nanodrr's own
+    peak (its volumes and render buffers, over what was allocated before it started).
+    """
+    try:
+        from nanodrr.drr import DRR
+        from nanodrr.drr.backends import fused_supported
+    except ImportError as e:
+        print(f"nanodrr: not measured ({e})")
+        return "not installed"
+    from functools import partial
+    from importlib.metadata import version
+
+    from bench_drr import nanodrr_rt_inv, nanodrr_subjects
+
+    from chexanatomy_lib.ct.detector import hu_to_mu
+    from chexanatomy_lib.ct.geometry import Detector
+
+    before = torch.cuda.memory_allocated()
+    shape = np.asarray(case.volume.shape)
+    iso = case.affine[:3, :3] @ ((shape - 1) / 2.0) + case.affine[:3, 3]  # the CT's centre (world mm), as ours
+    drr_subject, path_subject = (subject.to(device) for subject in nanodrr_subjects(case, hu_to_mu(case.volume)))
+    out: dict = {"version": version("nanodrr"), "backend": backend, "samples_per_ray": n_samples,
+                 "n_channels": path_subject.n_classes, "field_mm": FIELD_MM, "sid_mm": SID_MM,
+                 "poses": "nominal PA and left lateral alternating, SOD 1650 mm (bench_drr.nanodrr_pose)",
+                 "results": []}
+    views = [nanodrr_rt_inv(view, iso, device=device) for view in ("pa", "lateral")]  # [1, 4, 4] each
+    for mode, size in [("drr", size) for size in drr_sizes] + [("drr+labels", labels_size)]:
+        subjects = [drr_subject] if mode == "drr" else [drr_subject, path_subject]
+        det = Detector.square(size, FIELD_MM, SID_MM)
+        drr = DRR.from_carm_intrinsics(det.sid, det.pixel_spacing, det.pixel_spacing, 0.0, 0.0, size, size,
+                                       dtype=torch.float32, device=device)
+        for b in batches:
+            entry = {"mode": mode, "size": size, "batch": b}
+            out["results"].append(entry)
+            if not all(fused_supported(subject, b, size * size) for subject in subjects):
+                entry["skipped"] = "exceeds the fused kernel's int32 indexing"
+                continue
+            rt_inv = torch.cat([views[k % 2] for k in range(b)])  # [B, 4, 4]
+            run = partial(_nanodrr_render, drr, subjects, rt_inv, n_samples, backend)
+            run()  # compiles the kernel
+            torch.cuda.reset_peak_memory_stats()
+            seconds = _time(run, repeats)
+            entry.update(images_per_s=b / seconds, seconds_per_batch=seconds,
+                         peak_gpu_gb=(torch.cuda.max_memory_allocated() - before) / 1024**3)
+            print(f"nanodrr {mode:>10} {size} px b{b}: {b / seconds:8.1f} images/s, "
+                  f"peak {entry['peak_gpu_gb']:.1f} GB", flush=True)
+    return out
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--case-npz", help="case saved with --export-case (default: the bundled CT via nibabel)")
@@ -100,6 +169,10 @@ def main() -> None:
     ap.add_argument("--poses", type=int, default=5, help="poses per copy and view in the cohort measurement")
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--compile", action="store_true", help="also measure with torch.compile")
+    ap.add_argument("--nanodrr-batches", type=int, nargs="+", default=[16, 64, 256],
+                    help="batches of the nanodrr peer measurement")
+    ap.add_argument("--nanodrr-samples", type=int, default=500, help="nanodrr samples per ray (default 500)")
+    ap.add_argument("--no-peers", action="store_true", help="skip the nanodrr peer measurement")
     ap.add_argument("--out", help="JSON to write (default: records/benchmarks/drr_gpu_<device>.json)")
     args = ap.parse_args()
     if args.export_case:
@@ -198,6 +271,16 @@ def main() -> None:
                                                        for k in range(len(views))]))
                            for s in ("lung_left", "lung_right", "heart") if s in names}}
     print("agreement with the CPU:", res["agreement"])
+
+    # a peer on the same card; its failure must not cost the measurements above
+    if args.no_peers:
+        res["peers"] = {"nanodrr": "not measured (--no-peers)"}
+    else:
+        try:
+            res["peers"] = {"nanodrr": nanodrr_peer(case, args.nanodrr_batches, args.repeats, args.nanodrr_samples)}
+        except Exception as e:  # noqa: BLE001
+            print(f"nanodrr failed: {type(e).__name__}: {e}")
+            res["peers"] = {"nanodrr": f"failed: {type(e).__name__}: {e}"}
 
     res.update(date=dt.date.today().isoformat(), revision=revision(),
                command="python benchmarks/bench_drr_gpu.py " + " ".join(sys.argv[1:]),

