@@ -108,18 +108,28 @@ class VectorQuantizer(nn.Module):
         return d.argmin(1)
 
 
+def soft_dice(decoded: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
+    """Soft Dice of ``sigmoid(4 x decoded)`` against soft masks, per crop: float [N] in (0, 1].
+
+    decoded float [N, 64, 64] (decoder output, inside = > 0); masks float [N, 64, 64] in
+    [0, 1]; smoothed by 1 in numerator and denominator. The training's Dice term
+    (``vqvae_training.reconstruction_loss``) and :func:`crop_loss` both use it.
+    """
+    prob = torch.sigmoid(4.0 * decoded)
+    inter = (prob * masks).sum((1, 2))
+    return (2 * inter + 1.0) / (prob.sum((1, 2)) + masks.sum((1, 2)) + 1.0)
+
+
 def crop_loss(decoded: torch.Tensor, masks: torch.Tensor) -> torch.Tensor:
     """How far decoded crops are from their masks, per crop: float [N].
 
     decoded float [N, 64, 64] (decoder output, inside = > 0, clipped to [-1, 1]); masks
     float [N, 64, 64] in [0, 1]. The training's reconstruction loss per crop
     (``vqvae_training.reconstruction_loss`` with MSE and soft Dice weighted 1:1): mean
-    squared error to ``2 m - 1`` plus ``1 -`` soft Dice of ``sigmoid(4 x decoded)``.
+    squared error to ``2 m - 1`` plus ``1 -`` :func:`soft_dice`.
     """
     mse = ((decoded - (2.0 * masks - 1.0)) ** 2).mean((1, 2))
-    prob = torch.sigmoid(4.0 * decoded)
-    soft_dice = (2 * (prob * masks).sum((1, 2)) + 1.0) / (prob.sum((1, 2)) + masks.sum((1, 2)) + 1.0)
-    return mse + (1.0 - soft_dice)
+    return mse + (1.0 - soft_dice(decoded, masks))
 
 
 #: masks per decoder call in :meth:`MaskVQVAE.decode`: small enough that a chunk's

@@ -21,7 +21,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from .geometry import MASK_SIZE
-from .vqvae import GRID, MaskVQVAE, VQVAEConfig
+from .vqvae import GRID, MaskVQVAE, VQVAEConfig, soft_dice
 
 # Settings that do not change what is computed (a saved state made with other values resumes).
 _RESUME_FREE = ("threads", "extra")
@@ -102,10 +102,7 @@ def reconstruction_loss(recon: torch.Tensor, m: torch.Tensor, tc: VQVAETrainConf
     if tc.dice_weight:
         # NOTE: MSE is dominated by the background of a thin structure's box; a soft
         # Dice per crop weighs a rib's few inside pixels as much as a lung's many.
-        prob = torch.sigmoid(4.0 * recon)
-        inter = (prob * m).sum((1, 2))
-        soft_dice = (2 * inter + 1.0) / (prob.sum((1, 2)) + m.sum((1, 2)) + 1.0)
-        loss = loss + tc.dice_weight * (1.0 - soft_dice).mean()
+        loss = loss + tc.dice_weight * (1.0 - soft_dice(recon, m)).mean()
     return loss, mse
 
 
